@@ -1,0 +1,90 @@
+"""Small helpers shared by every script: logging, YAML loading, run folders, devices and seeds."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+LOGGER = logging.getLogger("normyolo")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """Bad user input (config file, key, CLI value). Scripts print its one-line message and exit 2."""
+
+
+def setup_logging(verbose: bool = True, rank: int = -1) -> None:
+    """Configure the 'normyolo' logger once, from a script's main() (never at import time)."""
+    level = logging.INFO if verbose and rank in (-1, 0) else logging.WARNING
+    if not LOGGER.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        LOGGER.addHandler(handler)
+    LOGGER.setLevel(level)
+    LOGGER.propagate = False
+
+
+def load_yaml(path: str | Path, what: str = "YAML file") -> dict[str, Any]:
+    """Read a YAML mapping with ``yaml.safe_load``; raise ConfigError with a one-line message on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} '{p}' not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} '{p}'{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} '{p}': expected a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = True) -> Path:
+    """runs/train/exp -> runs/train/exp2, exp3, ... unless exist_ok; creates the folder when mkdir."""
+    path = Path(path)
+    if path.exists() and not exist_ok:
+        n = 2
+        while (path.parent / f"{path.name}{n}").exists():
+            n += 1
+        path = path.parent / f"{path.name}{n}"
+    if mkdir:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def select_device(device: str | int | None = "") -> torch.device:
+    """'' -> cuda:0 when available else cpu; 'cpu'; '0' or 0 -> cuda:0; '0,1' -> cuda:<LOCAL_RANK or 0>."""
+    spec = str(device).strip().lower().replace("cuda:", "") if device is not None else ""
+    if spec == "cpu" or (spec == "" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    ids = [s for s in spec.split(",") if s != ""] or ["0"]
+    if not all(s.isdigit() for s in ids):
+        raise ConfigError(f"--device {device}: expected 'cpu', a GPU index like 0, or a list like 0,1")
+    n = torch.cuda.device_count()
+    bad = [s for s in ids if int(s) >= n]
+    if bad:
+        raise ConfigError(f"--device {device}: GPU {bad[0]} requested but only {n} visible")
+    local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    idx = int(ids[local_rank]) if 0 <= local_rank < len(ids) else int(ids[0])
+    return torch.device(f"cuda:{idx}")
+
+
+def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch; optionally ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True

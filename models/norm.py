@@ -203,7 +203,7 @@ class _SyncBNFunction(torch.autograd.Function):
               - xhat * (sum_dy_xhat / ctx.total)[None, :, None, None]) * scale[None, :, None, None]
         # affine gradients stay local: DDP reduces parameter gradients across ranks itself
         dw = local[c:].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = local[:c].to(bias.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        db = local[:c].to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
         return dx.to(dy.dtype), dw, db, None, None, None, None, None
 
 

@@ -39,22 +39,25 @@ class Detect(nn.Module):
         self._grids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor:
-        maps = []
-        for i, conv in enumerate(self.m):
-            x = conv(xs[i])
-            bs, _, ny, nx = x.shape
-            maps.append(x.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous())
+        raw = [conv(x) for conv, x in zip(self.m, xs)]
         if self.training:
-            return maps
-        out = []
-        for i, x in enumerate(maps):
-            bs, _, ny, nx, _ = x.shape
-            grid, anchor_px = self._grid(i, ny, nx, x.device, x.dtype)
-            y = x.sigmoid()
-            xy = (y[..., :2] * 2 - 0.5 + grid) * self.stride[i]
-            wh = (y[..., 2:4] * 2) ** 2 * anchor_px
-            out.append(torch.cat((xy, wh, y[..., 4:]), -1).view(bs, -1, self.no))
-        return torch.cat(out, 1)
+            return [r.view(r.shape[0], self.na, self.no, *r.shape[2:]).permute(0, 1, 3, 4, 2).contiguous()
+                    for r in raw]
+        # decode straight into one preallocated output: no per-level contiguous copies or concatenation
+        bs = raw[0].shape[0]
+        total = sum(self.na * r.shape[2] * r.shape[3] for r in raw)
+        out = torch.empty(bs, total, self.no, device=raw[0].device, dtype=raw[0].dtype)
+        start = 0
+        for i, r in enumerate(raw):
+            ny, nx = r.shape[2:]
+            dst = out[:, start:start + self.na * ny * nx].view(bs, self.na, ny, nx, self.no)
+            torch.sigmoid(r.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2), out=dst)
+            grid, anchor_px = self._grid(i, ny, nx, r.device, r.dtype)
+            s = self.stride[i].to(r.dtype)
+            dst[..., :2].mul_(2 * s).add_((grid - 0.5) * s)  # xy = (2 sigma - 0.5 + grid) * stride
+            dst[..., 2:4].pow_(2).mul_(4 * anchor_px)  # wh = (2 sigma)^2 * anchor
+            start += self.na * ny * nx
+        return out
 
     def _grid(self, i: int, ny: int, nx: int, device: torch.device, dtype: torch.dtype):
         # anchors can change (AutoAnchor, checkpoint load), so the anchor values are part of the cache key

@@ -1,0 +1,109 @@
+"""Inference speed: ms/image for each norm, fused vs unfused, image size, batch size, memory format.
+
+    python benchmarks/inference.py                      # the full table (BN, GN, LN, IN x 320/640 x batch 1/32)
+    python benchmarks/inference.py --norms bn --sizes 320 --batches 32 --fused-only
+
+Models are built with random weights (speed does not depend on the values). Timing: ``--warmup`` untimed passes,
+then repeated passes until at least ``--min-images`` images went through, under torch.inference_mode() with
+``--threads`` intra-op threads; the median pass gives ms/image. Both memory formats are timed; the ``best`` column
+says which one the scripts should use (val.py / detect.py use channels_last on CPU because it wins here).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cfg", default=str(ROOT / "cfg/models/yolo-n-bn.yaml"), help="model YAML (norm overridden)")
+    p.add_argument("--norms", nargs="+", default=["bn", "gn", "ln", "in"], help="norm specs for models.norm")
+    p.add_argument("--sizes", nargs="+", type=int, default=[320, 640])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--warmup", type=int, default=2, help="untimed passes per setting")
+    p.add_argument("--min-images", type=int, default=64, help="time at least this many images per setting")
+    p.add_argument("--min-iters", type=int, default=3, help="and at least this many passes")
+    p.add_argument("--fused-only", action="store_true", help="skip the unfused models")
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+def time_model(model: torch.nn.Module, x: torch.Tensor, warmup: int, iters: int) -> float:
+    """Median milliseconds per image over ``iters`` passes of batch ``x`` (N, 3, H, W)."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        for _ in range(iters):
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times) / x.shape[0]
+
+
+def max_fuse_error(model: torch.nn.Module, fused: torch.nn.Module, size: int = 320) -> tuple[float, float]:
+    """For one random image: (max |diff| of obj / class probabilities, max |diff| of boxes / image size).
+
+    Fusion should be exact to float rounding: both well under 1e-4.
+    """
+    x = torch.rand(1, 3, size, size, device=next(model.parameters()).device)
+    with torch.inference_mode():
+        a, b = model(x), fused(x)
+    return float((a[..., 4:] - b[..., 4:]).abs().max()), float((a[..., :4] - b[..., :4]).abs().max() / size)
+
+
+def main(opt: argparse.Namespace) -> list[dict]:
+    from models.yolo import Model
+    from utils.general import select_device
+
+    torch.set_num_threads(opt.threads)
+    device = select_device(opt.device)
+    torch.manual_seed(0)
+    rows = []
+    print(f"torch {torch.__version__}, {opt.threads} threads, device {device}, cfg {Path(opt.cfg).name}")
+    header = f"{'norm':<6}{'fused':<7}{'img':>5}{'batch':>7}{'contiguous':>12}{'channels_last':>15}{'best':>15}"
+    print(header + "   (ms/image)")
+    for norm in opt.norms:
+        base = Model(opt.cfg, norm=norm).to(device).eval()
+        # a random BN model has running stats 0 / 1; perturb them so fusing actually changes the numbers
+        for m in base.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        variants = [(True, copy.deepcopy(base).fuse())]
+        if not opt.fused_only:
+            variants.insert(0, (False, base))
+        err = max_fuse_error(base, variants[-1][1])
+        for fused, model in variants:
+            for size in opt.sizes:
+                for bs in opt.batches:
+                    x = torch.rand(bs, 3, size, size, device=device)
+                    iters = max(opt.min_iters, -(-opt.min_images // bs))
+                    ms_c = time_model(model, x, opt.warmup, iters)
+                    m_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+                    ms_cl = time_model(m_cl, x.contiguous(memory_format=torch.channels_last), opt.warmup, iters)
+                    best = "channels_last" if ms_cl < ms_c else "contiguous"
+                    rows.append({"norm": norm, "fused": fused, "img": size, "batch": bs, "contiguous_ms": ms_c,
+                                 "channels_last_ms": ms_cl, "best": best, "fuse_error": err})
+                    print(f"{norm:<6}{str(fused):<7}{size:>5}{bs:>7}{ms_c:>12.2f}{ms_cl:>15.2f}{best:>15}", flush=True)
+        print(f"{norm:<6}fused vs unfused max |diff|: scores {err[0]:.1e}, boxes {err[1]:.1e} (fraction of image size)")
+    return rows
+
+
+if __name__ == "__main__":
+    if str(ROOT) not in sys.path:  # run as a script from anywhere
+        sys.path.insert(0, str(ROOT))
+    main(parse_opt())

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from utils.boxes import non_max_suppression, xyxy_to_xywhn
-from utils.general import LOGGER, ConfigError, increment_path, select_device, setup_logging
+from utils.general import LOGGER, ConfigError, increment_path, run_cli, select_device, setup_logging
 
 ROOT = Path(__file__).resolve().parent
 
@@ -173,12 +173,7 @@ def main(opt: argparse.Namespace) -> dict[str, Any]:
 
 def cli(argv: list[str] | None = None) -> int:
     """Command-line entry: ConfigError -> 'error: ...' on stderr and exit code 2."""
-    try:
-        main(parse_opt(argv))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, parse_opt, argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
 """Checkpoints: atomic writes of tensors + plain metadata, loadable with ``torch.load(..., weights_only=True)``."""
 from __future__ import annotations
 
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -10,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from utils.general import ConfigError
+from utils.general import ConfigError, atomic_write
 
 VERSION = "0.1.0"
 REQUIRED_KEYS = ("model", "model_yaml")
@@ -31,17 +29,7 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
         if not _all_finite(ckpt.get(key)):
             raise ValueError(f"refusing to save {path}: non-finite values in '{key}' weights")
     ckpt = {**ckpt, "version": VERSION, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(ckpt, f))
     return path
 
 

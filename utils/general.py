@@ -4,8 +4,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
@@ -88,3 +90,32 @@ def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+
+
+def run_cli(main: Callable[[Any], Any], parse_opt: Callable[[list[str] | None], Any],
+            argv: list[str] | None = None) -> int:
+    """Script entry point: ``main(parse_opt(argv))``; a ConfigError becomes 'error: ...' on stderr and exit code 2."""
+    try:
+        main(parse_opt(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file via a temporary file in the same folder, fsync and os.replace: readers and crashes never see a
+    partial file. ``write`` receives the open binary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -27,7 +27,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from utils.general import ConfigError
@@ -207,21 +206,31 @@ class _SyncBNFunction(torch.autograd.Function):
         return dx.to(dy.dtype), dw, db, None, None, None, None, None
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(nn.BatchNorm2d):
     """Multi-process BatchNorm for any torch.distributed backend.
 
-    CUDA tensors use torch's fused SyncBatchNorm; other devices (gloo on CPU) use an all-reduce of per-channel sum,
-    sum of squares and count with a matching backward. Without an initialised process group (or world size 1, or in
-    eval mode) it is plain BatchNorm.  Input (N, C, H, W) -> output (N, C, H, W).
+    CUDA tensors use torch's fused SyncBatchNorm kernel; other devices (gloo on CPU) use an all-reduce of per-channel
+    sum, sum of squares and count with a matching backward. Without an initialised process group (or world size 1,
+    or in eval mode) it is plain BatchNorm.  Input (N, C, H, W) -> output (N, C, H, W).
+
+    It derives from BatchNorm2d, not nn.SyncBatchNorm, because DDP refuses any nn.SyncBatchNorm in a CPU module.
     """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: Any = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.process_group = process_group
+
+    def _check_non_zero_input_channels(self, x: torch.Tensor) -> None:  # used by torch's SyncBatchNorm.forward
+        if x.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            return super().forward(x)
+            return nn.SyncBatchNorm.forward(self, x)  # torch's CUDA path (NCCL), plain BN when nothing to sync
         group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
         if not (self.training and group is not None and dist.get_world_size(group) > 1):
-            # plain BN; torch's class would refuse a CPU tensor whenever a process group exists
-            return nn.BatchNorm2d.forward(self, x)
+            return super().forward(x)
         if x.dim() != 4:
             raise ValueError(f"SyncBatchNorm expects (N, C, H, W) input, got shape {tuple(x.shape)}")
         momentum = self.momentum
@@ -271,7 +280,7 @@ def make_norm_builder(spec: str | dict | NormSpec | None, where: str = "norm") -
 
 # Classes the factory builds; nn.modules.batchnorm._NormBase covers BatchNorm*, SyncBatchNorm and InstanceNorm*.
 NORM_CLASSES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, FrozenBatchNorm2d)
-FUSIBLE_CLASSES: tuple[type, ...] = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+FUSIBLE_CLASSES: tuple[type, ...] = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)  # SyncBatchNorm above is a BatchNorm2d
 
 
 def is_norm_layer(m: nn.Module) -> bool:

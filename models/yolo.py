@@ -43,6 +43,8 @@ class Detect(nn.Module):
         if self.training:
             return [r.view(r.shape[0], self.na, self.no, *r.shape[2:]).permute(0, 1, 3, 4, 2).contiguous()
                     for r in raw]
+        if torch.is_grad_enabled():  # autograd cannot record the in-place decode below
+            return self._decode(raw)
         # decode straight into one preallocated output: no per-level contiguous copies or concatenation
         bs = raw[0].shape[0]
         total = sum(self.na * r.shape[2] * r.shape[3] for r in raw)
@@ -58,6 +60,18 @@ class Detect(nn.Module):
             dst[..., 2:4].pow_(2).mul_(4 * anchor_px)  # wh = (2 sigma)^2 * anchor
             start += self.na * ny * nx
         return out
+
+    def _decode(self, raw: list[torch.Tensor]) -> torch.Tensor:
+        """The same decoding, out of place (differentiable)."""
+        out = []
+        for i, r in enumerate(raw):
+            bs, _, ny, nx = r.shape
+            y = r.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).sigmoid()
+            grid, anchor_px = self._grid(i, ny, nx, r.device, r.dtype)
+            xy = (y[..., :2] * 2 - 0.5 + grid) * self.stride[i]
+            wh = (y[..., 2:4] * 2) ** 2 * anchor_px
+            out.append(torch.cat((xy, wh, y[..., 4:]), -1).view(bs, -1, self.no))
+        return torch.cat(out, 1)
 
     def _grid(self, i: int, ny: int, nx: int, device: torch.device, dtype: torch.dtype):
         # anchors can change (AutoAnchor, checkpoint load), so the anchor values are part of the cache key

@@ -99,6 +99,17 @@ def test_detect_decoding_follows_yolov5_parameterisation():
     torch.testing.assert_close(y2[2, 1, 0, :4], torch.tensor([16.0, 48.0, 373.0, 326.0]))
 
 
+def test_eval_decoding_with_autograd_equals_inference_path():
+    torch.manual_seed(0)
+    model = Model(ROOT / "cfg/models/yolo-n-bn.yaml", nc=3).eval()
+    x = torch.rand(2, 3, 64, 96)
+    y_grad = model(x)  # differentiable, out-of-place decode
+    assert y_grad.requires_grad
+    with torch.inference_mode():
+        y_fast = model(x)  # in-place decode into one buffer
+    torch.testing.assert_close(y_fast, y_grad.detach(), atol=1e-4, rtol=1e-6)
+
+
 def test_objectness_and_class_prior_biases():
     model = Model(ROOT / "cfg/models/yolo-n-bn.yaml", nc=80)
     det = model.model[-1]

@@ -15,8 +15,9 @@ REQUIRED_KEYS = ("model", "model_yaml")
 
 
 def _all_finite(state: dict[str, torch.Tensor] | None) -> bool:
-    return state is None or all(torch.isfinite(v).all() for v in state.values()
-                                if isinstance(v, torch.Tensor) and v.is_floating_point())
+    floats = [v.detach().reshape(-1).float() for v in (state or {}).values()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return not floats or bool(torch.isfinite(torch.cat(floats)).all())  # one pass, not one check per tensor
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:

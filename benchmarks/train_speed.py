@@ -1,0 +1,133 @@
+"""Training throughput (images/s) of the n model for BN and GN: the real training step, data loading included.
+
+    python benchmarks/train_speed.py                       # 320 px, batch 16, mosaic on, ../shared/coco128
+    python benchmarks/train_speed.py --norms bn gn:C/16 ln --epochs 3 --data cfg/data/synthetic.yaml
+
+Runs ``utils.engine.train_one_epoch`` (the same code as train.py: AMP on CUDA, nominal-batch accumulation, EMA,
+loaded batches with mosaic) for ``--epochs`` timed passes after one untimed warm-up pass, and prints a table plus
+the GN/BN time ratio. coco128 is used when ``../shared/coco128`` exists, else the built-in synthetic data.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="", help="dataset YAML (default: coco128 when present, else synthetic)")
+    p.add_argument("--cfg", default=str(ROOT / "cfg" / "models" / "yolo-n-bn.yaml"))
+    p.add_argument("--norms", nargs="+", default=["bn", "gn:C/16"])
+    p.add_argument("--img", type=int, default=320)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=2, help="timed passes over the data (after one warm-up pass)")
+    p.add_argument("--max-batches", type=int, default=0, help="cap batches per pass (0: whole split)")
+    p.add_argument("--workers", type=int, default=-1, help="default: as train.py (half the cores, 1-8)")
+    p.add_argument("--device", default="")
+    p.add_argument("--hyp", default=str(ROOT / "cfg" / "hyp" / "scratch.yaml"))
+    return p.parse_args(argv)
+
+
+def default_data() -> str:
+    coco128 = ROOT.parent / "shared" / "coco128" / "images" / "train2017"
+    return str(ROOT / "cfg" / "data" / ("coco128.yaml" if coco128.is_dir() else "synthetic.yaml"))
+
+
+class _Capped:
+    """The first ``n`` batches of a loader (len() included), so long splits can be sampled."""
+
+    def __init__(self, loader, n: int) -> None:
+        self.loader, self.n, self.sampler = loader, n, getattr(loader, "sampler", None)
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.loader))
+
+    def __iter__(self):
+        for i, b in enumerate(self.loader):
+            if i >= self.n:
+                break
+            yield b
+
+
+def measure(norm: str, opt: argparse.Namespace, data_cfg: dict, hyp: dict, device: torch.device) -> dict:
+    """Images/s over ``opt.epochs`` timed passes for one norm."""
+    from data.loader import create_dataloader
+    from models.loss import ComputeLoss
+    from models.yolo import Model
+    from utils.ema import ModelEMA
+    from utils.engine import train_one_epoch
+    from utils.optim import Schedule, build_optimizer, scaled_weight_decay
+
+    torch.manual_seed(0)
+    loader, _ = create_dataloader(data_cfg, "train", opt.img, opt.batch_size, augment=True, hyp=hyp,
+                                  workers=opt.workers, seed=0, shuffle=True)
+    if opt.max_batches:
+        loader = _Capped(loader, opt.max_batches)
+    model = Model(opt.cfg, nc=int(data_cfg["nc"]), norm=norm).to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    optim = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"],
+                            scaled_weight_decay(hyp["weight_decay"], opt.batch_size))
+    epochs = opt.epochs + 1
+    schedule = Schedule(hyp, epochs, len(loader), opt.batch_size)
+    ema, amp = ModelEMA(model), device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    loss = ComputeLoss(model, hyp, opt.img)
+    images, secs = 0, 0.0
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        res = train_one_epoch(model, loader, loss, optim, schedule, ema, scaler, device, epoch, epochs,
+                              img_size=opt.img, amp=amp, main=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if epoch > 0:  # the first pass warms up workers, allocator and oneDNN kernels
+            images += res["images"]
+            secs += time.perf_counter() - t0
+    return {"norm": norm, "images": images, "seconds": secs, "images_per_s": images / secs,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = parse_opt(argv)
+    from data.loader import load_data_config
+    from utils.general import ConfigError, load_yaml, select_device, setup_logging
+
+    setup_logging(verbose=False)
+    try:
+        device = select_device(opt.device)
+        data_cfg = load_data_config(opt.data or default_data())
+        hyp = load_yaml(opt.hyp, "hyp file")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from train import default_workers, set_cpu_threads  # the same thread / worker layout as training
+
+    if opt.workers < 0:
+        opt.workers = default_workers()
+    if device.type == "cpu":
+        set_cpu_threads()
+    rows = [measure(n, opt, data_cfg, hyp, device) for n in opt.norms]
+    print(f"\ntrain speed: {Path(data_cfg['yaml_file']).name}, {opt.img} px, batch {opt.batch_size}, mosaic "
+          f"{hyp.get('mosaic', 0)}, {opt.workers} workers, {device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"| {'norm':<10} | {'images/s':>9} | {'ms/image':>9} | {'time vs ' + rows[0]['norm']:>12} |")
+    print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 14}|")
+    for r in rows:
+        ratio = rows[0]["images_per_s"] / r["images_per_s"]
+        print(f"| {r['norm']:<10} | {r['images_per_s']:9.1f} | {1000 / r['images_per_s']:9.1f} | {ratio:12.3f} |")
+    by = {r["norm"].split(":")[0]: r for r in rows}
+    if "bn" in by and "gn" in by:
+        print(f"GN/BN time ratio: {by['bn']['images_per_s'] / by['gn']['images_per_s']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

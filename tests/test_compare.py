@@ -1,0 +1,285 @@
+"""compare.py / utils/study.py: aggregation numbers, resume bookkeeping, reports, CLI errors, one real tiny study."""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import compare
+from utils import study, study_report as report
+from utils.general import ConfigError
+
+
+def _config(**kw) -> study.StudyConfig:
+    base = dict(data="d.yaml", cfg="cfg/models/yolo-n-bn.yaml", norms=["bn", "gn:C/16"], batch_sizes=[8, 2],
+                seeds=[0, 1, 2], epochs=1, img=64)
+    base.update(kw)
+    return study.StudyConfig(**base)
+
+
+def _fake_row(cell: study.Cell, runs_dir: Path) -> dict:
+    """A deterministic fake result: a different number for every (norm, batch, seed)."""
+    rng = np.random.default_rng(zlib.crc32(cell.run_name.encode()))
+    m = float(rng.uniform(0.05, 0.6))
+    return {"norm": cell.norm, "batch_size": cell.batch_size, "seed": cell.seed, "epochs": 1, "img_size": 64,
+            "mAP50": m + 0.1, "mAP50-95": m, "precision": 0.5, "recall": 0.4, "train_img_per_s": 10.0 + cell.seed,
+            "infer_ms_per_img": 3.0, "params": 1000, "wall_time_s": 1.0, "run_dir": str(runs_dir / cell.run_name)}
+
+
+def _md_cells(md: str, label: str) -> list[str]:
+    """Cells of the first markdown table row whose first column is `label`."""
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_markdown_numbers_equal_mean_and_sample_std_of_csv(tmp_path: Path) -> None:
+    cfg = _config()
+    rows = [_fake_row(c, tmp_path) for c in cfg.cells()]
+    report.write_rows(tmp_path / "study.csv", rows)
+    back = report.read_rows(tmp_path / "study.csv")
+    report.write_reports(tmp_path, cfg, back)
+    md = (tmp_path / "study.md").read_text()
+    assert "ddof = 1" in md and "nominal batch of 64" in md
+    # independent computation from the CSV file with numpy (sample std, ddof=1), ×100 as printed
+    import csv
+    with (tmp_path / "study.csv").open() as f:
+        raw = list(csv.DictReader(f))
+    assert len(raw) == 12
+    means = {}
+    for norm in cfg.norms:
+        cells = _md_cells(md, norm)
+        for b, text in zip(cfg.batch_sizes, cells):
+            v = np.array([float(r["mAP50-95"]) for r in raw if r["norm"] == norm and int(r["batch_size"]) == b])
+            assert len(v) == 3
+            mean, std = (float(x) for x in re.fullmatch(r"([-\d.]+) ± ([\d.]+)", text).groups())
+            assert mean == pytest.approx(100 * v.mean(), abs=0.005)
+            assert std == pytest.approx(100 * v.std(ddof=1), abs=0.005)
+            means[norm, b] = 100 * v.mean()
+    deltas = _md_cells(md, "Δ gn:C/16 vs bn")
+    for b, text in zip(cfg.batch_sizes, deltas):
+        assert float(text) == pytest.approx(means["gn:C/16", b] - means["bn", b], abs=0.006)
+    # study.png written and a real PNG
+    assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_partial_cells_show_count_and_missing_cells_a_dash(tmp_path: Path) -> None:
+    cfg = _config(seeds=[0, 1])
+    rows = [_fake_row(study.Cell("bn", 8, 0), tmp_path)]
+    md = report.render_markdown(cfg, rows)
+    assert _md_cells(md, "bn") == [f"{100 * rows[0]['mAP50-95']:.2f} (n=1)", "—"]
+    assert _md_cells(md, "gn:C/16") == ["—", "—"]
+    assert "1 of 8 runs finished" in md
+
+
+class Killed(Exception):
+    """Stands for the process being killed in the middle of a run."""
+
+
+def test_resume_trains_only_missing_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[study.Cell] = []
+    kill_at = [3]  # kill once, when 3 runs have finished
+
+    def fake_run_cell(config, cell, runs_dir):
+        if len(calls) in kill_at:
+            kill_at.clear()
+            raise Killed  # the study is killed while the 4th run trains
+        calls.append(cell)
+        (runs_dir / cell.run_name).mkdir(parents=True, exist_ok=True)
+        return _fake_row(cell, runs_dir)
+
+    monkeypatch.setattr(study, "run_cell", fake_run_cell)
+    argv = ["--data", "d.yaml", "--norms", "bn", "gn:C/16", "--batch-sizes", "4", "2", "--seeds", "0", "1",
+            "--epochs", "1", "--img", "64", "--project", str(tmp_path), "--name", "s"]
+    with pytest.raises(Killed):
+        compare.main(compare.parse_opt(argv))
+    save_dir = tmp_path / "s"
+    first = report.read_rows(save_dir / "study.csv")
+    assert [(r["norm"], r["batch_size"], r["seed"]) for r in first] == [(c.norm, c.batch_size, c.seed) for c in calls]
+    # the interrupted 4th cell left a run folder behind: it must be discarded, not counted
+    interrupted = study.Cell("gn:C/16", 2, 0)
+    (save_dir / "runs" / interrupted.run_name / "junk.txt").parent.mkdir(parents=True)
+    (save_dir / "runs" / interrupted.run_name / "junk.txt").write_text("partial")
+
+    done_before = list(calls)
+    messages: list[str] = []  # the project logger does not propagate to pytest's caplog: listen to it directly
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    study.LOGGER.addHandler(handler)
+    try:
+        assert compare.cli(["--resume", str(save_dir)]) == 0
+    finally:
+        study.LOGGER.removeHandler(handler)
+    resumed = calls[len(done_before):]
+    assert len(done_before) == 3 and len(resumed) == 5
+    assert not set(c.key for c in resumed) & set(c.key for c in done_before)
+    assert resumed[0] == interrupted and not (save_dir / "runs" / interrupted.run_name / "junk.txt").exists()
+    log = "\n".join(messages)
+    assert "3 finished run(s)" in log and all(c.run_name in log for c in done_before)
+    assert f"discarding the incomplete run folder {save_dir / 'runs' / interrupted.run_name}" in log
+    rows = report.read_rows(save_dir / "study.csv")
+    assert sorted((r["norm"], r["batch_size"], r["seed"]) for r in rows) == sorted(
+        (c.norm, c.batch_size, c.seed) for c in study.StudyConfig.load(save_dir / "study.yaml").cells())
+    # a third run has nothing left to do
+    assert compare.cli(["--resume", str(save_dir)]) == 0
+    assert len(calls) == 8
+
+
+def test_update_doc_replaces_only_the_generated_block(tmp_path: Path) -> None:
+    cfg = _config(seeds=[0, 1])
+    report.write_reports(tmp_path, cfg, [_fake_row(c, tmp_path) for c in cfg.cells()])
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# Title\nintro\n{report.DOC_BEGIN}\nold table\n{report.DOC_END}\noutro\n")
+    report.update_doc(doc, tmp_path)
+    once = doc.read_text()
+    assert once.startswith("# Title\nintro\n") and once.endswith(f"{report.DOC_END}\noutro\n")
+    assert "old table" not in once and "| Δ gn:C/16 vs bn |" in once and "(doc_study.png)" in once
+    assert (tmp_path / "doc_study.png").is_file()
+    report.update_doc(doc, tmp_path)  # idempotent apart from the timestamp line
+    strip = lambda t: re.sub(r"_Generated from .*_", "", t)  # noqa: E731
+    assert strip(doc.read_text()) == strip(once)
+    doc.write_text("no markers\n")
+    with pytest.raises(ConfigError, match="block"):
+        report.update_doc(doc, tmp_path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--norms", "bn", "foo"], "unknown norm 'foo'"),
+    (["--batch-sizes", "8", "8"], "'8' is listed twice"),
+    (["--batch-sizes", "128"], "does not divide the nominal batch 64"),
+    (["--batch-sizes", "16", "24"], "24 does not divide"),
+    (["--img", "100"], "multiple of 32"),
+    (["--train-args", "'unclosed"], "--train-args"),
+    (["--train-args=--cos-lr --batch-size 4"], "--batch-size is set by compare.py"),
+    (["--update-doc", "no-such-doc.md"], "'no-such-doc.md' not found"),
+    (["--report-only"], "--report-only needs --resume"),
+])
+def test_bad_input_is_one_line_error_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str],
+                                            message: str) -> None:
+    assert compare.cli(argv + ["--project", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not any(tmp_path.iterdir())  # refused before any folder was made
+
+
+def test_resume_of_a_folder_without_study_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert compare.cli(["--resume", str(tmp_path)]) == 2
+    assert "not a study folder" in capsys.readouterr().err
+
+
+def test_train_argv_holds_the_cell_and_fixed_settings(tmp_path: Path) -> None:
+    cfg = _config(hyp="h.yaml", train_args=["--cos-lr"], device="cpu", workers=0)
+    argv = study.train_argv(cfg, study.Cell("gn:C/16", 4, 1), tmp_path)
+    pairs = dict(zip(argv[::1], argv[1::1]))
+    assert pairs["--norm"] == "gn:C/16" and pairs["--batch-size"] == "4" and pairs["--seed"] == "1"
+    assert pairs["--name"] == "gn-C16-b4-s1" and pairs["--hyp"] == "h.yaml" and argv[-1] == "--cos-lr"
+    assert "--exist-ok" in argv
+
+
+def _train_available() -> str | None:
+    """None when train.main can run a cell, else the reason it cannot (the skip message)."""
+    try:
+        import train
+    except Exception as e:  # noqa: BLE001 - any import failure means "not ready", reported as the skip reason
+        return f"train.py not importable ({type(e).__name__}: {e})"
+    if not (hasattr(train, "parse_opt") and callable(getattr(train, "main", None))):
+        return "train.py has no parse_opt/main yet (issue 4 not landed)"
+    return None
+
+
+def _tiny_synthetic(out: Path, n_train: int, n_val: int) -> Path:
+    """A few images of the built-in generator (the same images as the first ones of cfg/data/synthetic.yaml)."""
+    import yaml
+    from data.synthetic import CLASSES, generate
+
+    generate(out, seed=0, n_train=n_train, n_val=n_val, workers=1)
+    cfg = {"path": str(out), "format": "coco", "names": CLASSES}
+    for split in ("train", "val"):
+        cfg.update({split: f"annotations/instances_{split}.json", f"{split}_images": f"images/{split}"})
+    (out / "data.yaml").write_text(yaml.safe_dump(cfg))
+    return out / "data.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("data.synthetic", reason="the built-in dataset generator (issue 3) is not importable")
+    return _tiny_synthetic(tmp_path_factory.mktemp("tiny") / "data", n_train=8, n_val=4)
+
+
+def test_subset_holds_the_first_images_of_each_split(tiny_data: Path, tmp_path: Path) -> None:
+    import json
+
+    from data.loader import load_data_config
+
+    sub = load_data_config(study.subset_coco_dataset(str(tiny_data), 5, 3, tmp_path / "sub"))
+    full = load_data_config(tiny_data)
+    for split, n in (("train", 5), ("val", 3)):
+        a, b = json.loads(Path(sub[split]).read_text()), json.loads(Path(full[split]).read_text())
+        assert a["images"] == b["images"][:n] and sub[f"{split}_images"] == full[f"{split}_images"]
+        ids = {im["id"] for im in a["images"]}
+        assert a["annotations"] == [x for x in b["annotations"] if x["image_id"] in ids] and a["annotations"]
+    with pytest.raises(ConfigError, match="needs 9"):
+        study.subset_coco_dataset(str(tiny_data), 9, 1, tmp_path / "too-many")
+
+
+def test_gn_paper_preset_is_the_16_run_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[study.StudyConfig, study.Cell]] = []
+    monkeypatch.setattr(study, "subset_coco_dataset", lambda data, n_tr, n_val, out: out / f"{n_tr}-{n_val}.yaml")
+    monkeypatch.setattr(study, "run_cell", lambda cfg, cell, runs: calls.append((cfg, cell)) or _fake_row(cell, runs))
+    save_dir = compare.main(compare.parse_opt(["--preset", "gn-paper", "--project", str(tmp_path)]))
+    assert save_dir == tmp_path / "gn-paper" and len(calls) == 16
+    assert {(c.norm, c.batch_size, c.seed) for _, c in calls} == {
+        (n, b, s) for n in ("bn", "gn:C/16") for b in (16, 8, 4, 2) for s in (0, 1)}
+    config = calls[0][0]
+    assert (config.epochs, config.img, Path(config.data).name) == (6, 256, "512-200.yaml")
+    assert "| Δ gn:C/16 vs bn |" in (save_dir / "study.md").read_text()
+
+
+@pytest.mark.skipif(_train_available() is not None, reason=str(_train_available()))
+def test_real_tiny_study_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
+    """2 norms × 1 batch × 1 seed, 1 epoch, on a tiny synthetic dataset: real train.main + validation per cell."""
+    data_yaml = tiny_data
+    argv = ["--data", str(data_yaml), "--norms", "bn", "gn:C/16", "--batch-sizes", "4", "--seeds", "0",
+            "--epochs", "1", "--img", "64", "--device", "cpu", "--workers", "0", "--project", str(tmp_path),
+            "--name", "tiny", "--train-args=--noautoanchor"]
+    save_dir = compare.main(compare.parse_opt(argv))
+    rows = report.read_rows(save_dir / "study.csv")
+    assert [(r["norm"], r["batch_size"], r["seed"]) for r in rows] == [("bn", 4, 0), ("gn:C/16", 4, 0)]
+    for r in rows:
+        assert 0.0 <= r["mAP50-95"] <= r["mAP50"] <= 1.0
+        assert r["params"] > 0 and r["train_img_per_s"] > 0 and r["infer_ms_per_img"] > 0
+        assert Path(r["run_dir"]).is_dir() and not math.isnan(r["wall_time_s"])
+    assert rows[0]["params"] == rows[1]["params"]  # the norm swap keeps the parameter count
+    assert (save_dir / "study.png").is_file() and "| gn:C/16 |" in (save_dir / "study.md").read_text()
+
+
+def test_diverged_runs_are_counted_not_averaged(tmp_path: Path) -> None:
+    cfg = _config(seeds=[0, 1, 2], batch_sizes=[2])
+    rows = [_fake_row(c, tmp_path) for c in cfg.cells()]
+    bad = next(r for r in rows if r["norm"] == "bn" and r["seed"] == 2)
+    bad.update({"status": "diverged", "mAP50-95": math.nan, "mAP50": math.nan, "train_img_per_s": math.nan})
+    report.write_rows(tmp_path / "study.csv", rows)
+    back = report.read_rows(tmp_path / "study.csv")
+    assert [r["status"] for r in back].count("diverged") == 1
+    md = report.render_markdown(cfg, back)
+    ok = [r["mAP50-95"] for r in rows if r["norm"] == "bn" and r["seed"] != 2]
+    assert _md_cells(md, "bn") == [f"{100 * np.mean(ok):.2f} ± {100 * np.std(ok, ddof=1):.2f} (n=2) (1 diverged)"]
+
+
+def test_norm_layer_benchmark_hooks_every_conv_block() -> None:
+    from benchmarks import norm_layers as bench
+
+    shapes = bench.collect_shapes(str(Path(compare.ROOT) / "cfg/models/yolo-n-bn.yaml"), 64)
+    assert sum(shapes.values()) == 57  # every Conv block of the n model (C3 inner convs included), by shape
+    stem = next(s for s in shapes if s.c1 == 3)
+    assert (stem.c2, stem.k, stem.s, stem.h, stem.w, stem.out_hw()) == (16, 6, 2, 64, 64, (32, 32))
+    rows = bench.bench({stem: 1}, ["bn", "gn:C/16"], batch=2, reps=1, device=torch.device("cpu"))
+    assert [r["norm"] for r in rows] == ["bn", "gn:C/16"]
+    assert all(r["block_ms"] > 0 and r["alone_ms"] > 0 for r in rows)  # times themselves are machine noise
+    table = bench.format_table(rows, torch.device("cpu"), 2, 64)
+    assert "| gn:C/16 |" in table and "| bn | " in table and table.count("\n") == 4

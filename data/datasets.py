@@ -60,25 +60,31 @@ class ReadResult:
 
 
 # ---------------------------------------------------------------------------------------------- image checks
-def check_image(path: str | Path) -> tuple[str | None, int, int]:
-    """Decode an image fully; returns (reason or None, width, height). Truncation is detected from the end marker
-    because libjpeg / libpng decode a cut-off file into a grey-filled image without an error."""
+def read_image(path: str | Path) -> tuple[np.ndarray | None, str | None]:
+    """Decode an image fully: (BGR uint8 (H, W, 3), None), or (None, reason). Truncation is detected from the end
+    marker because libjpeg / libpng decode a cut-off file into a grey-filled image without an error."""
     p = Path(path)
     if p.suffix.lower() not in IMG_EXTS:
-        return "not_image", 0, 0
+        return None, "not_image"
     try:
         buf = np.fromfile(p, dtype=np.uint8)
     except OSError:
-        return ("missing" if not p.exists() else "corrupt"), 0, 0
+        return None, "missing" if not p.exists() else "corrupt"
     head, tail = buf[:8].tobytes(), buf[-32:].tobytes().rstrip(b"\x00\r\n ")
     if head[:2] == b"\xff\xd8" and not tail.endswith(b"\xff\xd9"):
-        return "truncated", 0, 0
+        return None, "truncated"
     if head == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
-        return "truncated", 0, 0
+        return None, "truncated"
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if img is None:
-        return "corrupt", 0, 0
-    return None, int(img.shape[1]), int(img.shape[0])
+        return None, "corrupt"
+    return img, None
+
+
+def check_image(path: str | Path) -> tuple[str | None, int, int]:
+    """(reason or None, width, height) of an image file, decoded fully (see read_image)."""
+    img, reason = read_image(path)
+    return (reason, 0, 0) if img is None else (None, int(img.shape[1]), int(img.shape[0]))
 
 
 def _check_all(paths: list[str]) -> list[tuple[str | None, int, int]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data.datasets import read_image
 from utils.general import LOGGER, ConfigError
 
 IMG_EXTS = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".dng", ".mpo", ".pfm"}
@@ -130,9 +131,9 @@ class MediaSource:
                     continue
                 yield from self._stream(cap, str(p), "video", i)
             else:
-                img = cv2.imread(str(p), cv2.IMREAD_COLOR)  # None for corrupt or non-image files
-                if img is None or img.size == 0:
-                    self._skip(p, "unreadable image")
+                img, why = read_image(p)  # also catches truncated files, which cv2.imread half-decodes silently
+                if img is None:
+                    self._skip(p, f"unreadable image ({why})")
                     continue
                 yield Frame(str(p), img, "image", 0, 1, i)
 

@@ -55,14 +55,16 @@ def test_folder_of_coco128_images_with_a_corrupt_file(coco128_dir, weights, tmp_
     for p in images:
         shutil.copy(p, src / p.name)
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (src / "truncated.jpg").write_bytes(images[0].read_bytes()[:3000])  # cv2.imread half-decodes this silently
     (src / "notes.md").write_text("ignored: not an image extension")
     out, lines = run_detect(["--weights", str(weights), "--source", str(src), "--img", "320", "--conf-thres", "0",
                              "--max-det", "3", "--save-txt", "--save-conf", "--save-json", "--device", "cpu",
                              "--project", str(tmp_path / "runs"), "--name", "exp"])
     save = Path(out["save_dir"])
     assert out["images"] == 3 and out["detections"] == 9
-    assert out["skipped"] == [str(src / "broken.jpg")]
+    assert sorted(out["skipped"]) == [str(src / "broken.jpg"), str(src / "truncated.jpg")]
     assert any("skipping" in ln and "broken.jpg" in ln for ln in lines)
+    assert any("skipping" in ln and "truncated.jpg" in ln and "truncated" in ln.split(":")[-1] for ln in lines)
     assert sorted(p.name for p in save.glob("*.jpg")) == sorted(p.name for p in images)
     labels = sorted((save / "labels").glob("*.txt"))
     assert [p.stem for p in labels] == sorted(p.stem for p in images)
@@ -73,7 +75,7 @@ def test_folder_of_coco128_images_with_a_corrupt_file(coco128_dir, weights, tmp_
     for img_path in images:  # the annotated image keeps the original size and differs from the input (boxes)
         a, b = cv2.imread(str(save / img_path.name)), cv2.imread(str(img_path))
         assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() > 0.01
-    per_image = [ln for ln in lines if ln.endswith("ms") and "/4 " in ln]  # 4 files listed, 3 readable
+    per_image = [ln for ln in lines if ln.endswith("ms") and "/5 " in ln]  # 5 files listed, 3 readable
     assert len(per_image) == 3 and all("class" in ln for ln in per_image)
 
 

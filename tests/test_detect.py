@@ -1,7 +1,6 @@
 """detect.py end to end on real coco128 images, a video and bad inputs; data/sources.py resolution rules."""
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import detect
 from data.sources import MediaSource, resolve_source
 from models.yolo import Model
 from utils.checkpoint import model_state, save_checkpoint
-from utils.general import LOGGER, ConfigError
+from utils.general import ConfigError
 from utils.plots import box_label
+from logcapture import call_logged
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +29,8 @@ def weights(tmp_path_factory) -> Path:
     return path
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def run_detect(args: list[str]) -> tuple[dict, list[str]]:
-    rec = _Records()
-    LOGGER.addHandler(rec)
-    try:
-        out = detect.main(detect.parse_opt(args))
-    finally:
-        LOGGER.removeHandler(rec)
-    return out, rec.lines
+    return call_logged(lambda a: detect.main(detect.parse_opt(a)), args)
 
 
 def test_folder_of_coco128_images_with_a_corrupt_file(coco128_dir, weights, tmp_path):

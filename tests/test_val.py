@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import val
 from data.loader import create_dataloader, load_data_config
 from models.yolo import Model
 from utils.checkpoint import model_state, save_checkpoint
-from utils.general import LOGGER
+from logcapture import call_logged
 
 NAMES = ["circle", "square", "triangle", "star", "cross", "ring", "hexagon", "arrow", "crescent", "heart"]
 
@@ -42,15 +41,6 @@ def ckpt(tmp_path_factory) -> Path:
     return path
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.extend(record.getMessage().splitlines())
-
-
 def cocoeval_by_hand(gt_json: str | Path, dt_json: str | Path) -> list[float]:
     gt = COCO(str(gt_json))
     ev = COCOeval(gt, gt.loadRes(str(dt_json)), "bbox")
@@ -61,13 +51,7 @@ def cocoeval_by_hand(gt_json: str | Path, dt_json: str | Path) -> list[float]:
 
 
 def run_main(args: list[str]) -> tuple[dict, list[str]]:
-    rec = _Records()
-    LOGGER.addHandler(rec)
-    try:
-        metrics = val.main(val.parse_opt(args))
-    finally:
-        LOGGER.removeHandler(rec)
-    return metrics, rec.lines
+    return call_logged(lambda a: val.main(val.parse_opt(a)), args)
 
 
 def test_printed_map_equals_pycocotools_on_written_json(syn_yaml, ckpt, tmp_path):

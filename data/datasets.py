@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, Iterable
 import cv2
 import numpy as np
 
-from utils.general import ROOT, ConfigError, LOGGER
+from utils.general import LOGGER, ROOT, ConfigError, atomic_write
 
 IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 CACHE_VERSION = 3
@@ -311,11 +310,7 @@ def save_cache(path: Path, key: str, res: ReadResult) -> None:
         "meta": np.array(json.dumps({"names": res.names, "cat_ids": res.cat_ids, "counts": dict(res.counts)})),
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
     except OSError as e:
         LOGGER.info(f"label cache not written ({path.parent} not writable: {e.strerror}); next start rescans")
 

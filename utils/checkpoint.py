@@ -14,7 +14,8 @@ VERSION = "0.1.0"
 REQUIRED_KEYS = ("model", "model_yaml")
 
 
-def _all_finite(state: dict[str, torch.Tensor] | None) -> bool:
+def all_finite(state: dict[str, torch.Tensor] | None) -> bool:
+    """True when every floating-point tensor of a state_dict is finite (one reduction over all of them)."""
     floats = [v.detach().reshape(-1).float() for v in (state or {}).values()
               if isinstance(v, torch.Tensor) and v.is_floating_point()]
     return not floats or bool(torch.isfinite(torch.cat(floats)).all())  # one pass, not one check per tensor
@@ -27,7 +28,7 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
     """
     path = Path(path)
     for key in ("model", "ema"):
-        if not _all_finite(ckpt.get(key)):
+        if not all_finite(ckpt.get(key)):
             raise ValueError(f"refusing to save {path}: non-finite values in '{key}' weights")
     ckpt = {**ckpt, "version": VERSION, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     atomic_write(path, lambda f: torch.save(ckpt, f))

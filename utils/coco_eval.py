@@ -24,6 +24,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert, box_iou
 
+from utils.boxes import xyxy_to_xywh
 from utils.general import ConfigError
 
 CONF_GRID = np.linspace(0.0, 1.0, 1000)  # confidences at which the P / R / F1 curves are sampled
@@ -65,7 +66,7 @@ def detections_to_coco(dets: torch.Tensor, image_id: int, cat_ids: list[int]) ->
     if dets.numel() == 0:
         return []
     d = dets.detach().double().cpu()
-    xywh = box_convert(d[:, :4], in_fmt="xyxy", out_fmt="xywh").tolist()
+    xywh = xyxy_to_xywh(d[:, :4]).tolist()
     return [
         {
             "image_id": int(image_id),

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import nullcontext
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,12 @@ from models.norm import convert_sync_batchnorm
 from models.yolo import Model
 from utils import dist as du
 from utils.autoanchor import check_anchors
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import all_finite, load_checkpoint, model_state, save_checkpoint
 from utils.ema import ModelEMA, de_parallel
 from utils.general import LOGGER, ROOT, ConfigError, init_seeds, load_yaml, select_device
 from utils.logger import BAR_FORMAT, ResultsLog, bar_description, bar_header, plot_results
 from utils.optim import OPTIMIZERS, Schedule, build_optimizer, scaled_weight_decay
 
-VERSION = "0.1.0"
 GRAD_CLIP = 10.0  # max gradient norm (as YOLOv5); also the place where non-finite gradients are caught
 
 
@@ -50,12 +48,6 @@ def best_row(rows: list[dict[str, str]]) -> dict[str, float]:
             best = fitness(m)
             out = {**m, "best_epoch": int(float(r["epoch"]))}
     return out
-
-
-def _finite_model(model: nn.Module) -> bool:
-    # one reduction over everything: hundreds of per-tensor isfinite() calls cost more than the copy
-    vals = [v.detach().reshape(-1).float() for v in model.state_dict().values() if v.dtype.is_floating_point]
-    return bool(torch.isfinite(torch.cat(vals)).all())
 
 
 def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, optimizer: torch.optim.Optimizer,
@@ -159,17 +151,12 @@ def _build_model(opt: argparse.Namespace, nc: int, names: list[str], ckpt: dict 
 def _checkpoint(model: nn.Module, ema: ModelEMA, optimizer: torch.optim.Optimizer | None,
                 scaler: torch.amp.GradScaler, epoch: int, best_fitness: float, hyp: dict, opt: argparse.Namespace,
                 names: list[str]) -> dict:
-    m = de_parallel(model)
-    return {"model": {k: v.detach().float().cpu() if v.dtype.is_floating_point else v.cpu()
-                      for k, v in m.state_dict().items()},
-            "ema": {k: v.detach().float().cpu() if v.dtype.is_floating_point else v.cpu()
-                    for k, v in ema.ema.state_dict().items()},
+    return {"model": model_state(model), "ema": model_state(ema.ema),
             "updates": int(ema.updates),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "epoch": int(epoch), "best_fitness": float(best_fitness), "model_yaml": m.yaml, "names": list(names),
-            "hyp": dict(hyp), "opt": plain_opt(opt), "version": VERSION,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "epoch": int(epoch), "best_fitness": float(best_fitness), "model_yaml": de_parallel(model).yaml,
+            "names": list(names), "hyp": dict(hyp), "opt": plain_opt(opt)}  # save_checkpoint adds version and date
 
 
 def plain_opt(opt: argparse.Namespace) -> dict:
@@ -287,7 +274,7 @@ def fit(opt: argparse.Namespace) -> dict[str, Any]:
             train_time += res["time_s"]
             final = epoch == opt.epochs - 1
             if main:
-                if not _finite_model(ema.ema) or not _finite_model(de_parallel(model)):
+                if not all_finite(ema.ema.state_dict()) or not all_finite(de_parallel(model).state_dict()):
                     raise TrainingDiverged(f"weights became non-finite in epoch {epoch}; not saving them "
                                            f"(last.pt keeps epoch {epoch - 1})")
                 if not opt.noval or final:

@@ -27,6 +27,7 @@ DEFAULTS = {
     "seeds": [0, 1],
     "epochs": 30,
     "img": 320,
+    "nbs": 64,
 }
 
 
@@ -35,7 +36,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help=f"dataset YAML (default {DEFAULTS['data']})")
     p.add_argument("--cfg", help=f"model YAML; its norm is replaced by each --norms entry (default {DEFAULTS['cfg']})")
     p.add_argument("--norms", nargs="+", help="norm specs to compare, e.g. bn gn:C/16 gn:32 ln in syncbn")
-    p.add_argument("--batch-sizes", nargs="+", type=int, help="per-step batch sizes (nominal batch 64 held fixed)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, help="per-step batch sizes (each must divide --nbs)")
+    p.add_argument("--nbs", type=int, help="nominal batch held fixed in every cell by gradient accumulation "
+                                           "(default 64, as train.py)")
     p.add_argument("--seeds", nargs="+", type=int, help="training seeds; each (norm, batch) cell runs once per seed")
     p.add_argument("--epochs", type=int, help=f"epochs per run (default {DEFAULTS['epochs']})")
     p.add_argument("--img", type=int, help=f"train and val image size in pixels (default {DEFAULTS['img']})")

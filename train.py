@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from utils.general import ROOT, ConfigError, increment_path, run_cli, select_device, setup_logging
+from utils.optim import NOMINAL_BATCH
 
 DEFAULTS = {"data": ROOT / "cfg" / "data" / "synthetic.yaml", "cfg": ROOT / "cfg" / "models" / "yolo-n-bn.yaml",
             "hyp": ROOT / "cfg" / "hyp" / "synthetic.yaml"}
@@ -48,6 +49,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", default="", help="initial weights (a NormYOLO .pt); matching tensors are transferred")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=16, help="total batch over all DDP processes")
+    p.add_argument("--nbs", type=int, default=NOMINAL_BATCH,
+                   help="nominal batch: gradients are accumulated up to this many images per optimizer step")
     p.add_argument("--img", "--img-size", "--imgsz", dest="img", type=int, default=320, help="train / val size (px)")
     p.add_argument("--device", default="", help="cpu, 0 or 0,1 (default: GPU 0 when present, else cpu)")
     p.add_argument("--workers", type=int, default=default_workers(), help="dataloader workers per process")
@@ -66,6 +69,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", nargs="?", const="ram", default=None, choices=["ram", "disk"], help="cache images")
     p.add_argument("--noval", action="store_true", help="validate only after the final epoch")
     p.add_argument("--save-period", type=int, default=-1, help="also save weights/epochN.pt every N epochs")
+    p.add_argument("--close-mosaic", type=int, default=None,
+                   help="train the final N epochs without mosaic (default: the hyp file's close_mosaic, else 0)")
     p.add_argument("--noautoanchor", action="store_true", help="keep the model's anchors as they are")
     p.add_argument("--nonfinite-limit", type=int, default=10, help="stop after this many non-finite losses in a row")
     return p.parse_args(argv)
@@ -100,8 +105,12 @@ def check_opt(opt: argparse.Namespace) -> None:
         raise ConfigError(f"--batch-size {opt.batch_size}: expected a positive batch size")
     if opt.img < 32 or opt.img % 32:
         raise ConfigError(f"--img {opt.img}: expected a multiple of 32 (the largest stride), e.g. 320 or 640")
+    if opt.nbs < 1:
+        raise ConfigError(f"--nbs {opt.nbs}: expected a positive nominal batch (64 by default)")
     if opt.workers < 0:
         raise ConfigError(f"--workers {opt.workers}: expected 0 or more")
+    if getattr(opt, "close_mosaic", None) is not None and opt.close_mosaic < 0:
+        raise ConfigError(f"--close-mosaic {opt.close_mosaic}: expected 0 or more epochs")
     for flag, folder in (() if opt.resume else (("cfg", "models"), ("hyp", "hyp"))):  # resume: from the ckpt
         p = Path(getattr(opt, flag))
         if not p.is_file() and not p.is_absolute() and (ROOT / "cfg" / folder / p).is_file():

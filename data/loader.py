@@ -152,6 +152,13 @@ class DetectionDataset(Dataset):
             self._cache_images()
         self.reseed(seed)
 
+    def set_mosaic(self, p: float) -> None:
+        """Change the mosaic probability (e.g. 0 for the final epochs); loaders created afterwards see it."""
+        if self.hyp is None:
+            raise ValueError("set_mosaic: this dataset does not augment")
+        self.hyp = load_hyp({**self.hyp, "mosaic": p})
+        self.transform = build_train_transform(self.img_size, self.hyp)
+
     def reseed(self, seed: int) -> None:
         """Seed mosaic partner choice and albumentations (called per worker by ``worker_init_fn``)."""
         self._rng = random.Random(seed)
@@ -288,6 +295,13 @@ def create_dataloader(data_cfg: dict[str, Any] | str | Path, split: str, img_siz
         raise ConfigError(f"--batch-size {batch_size} / --workers {workers}: expected batch >= 1 and workers >= 0")
     shuffle = (split == "train") if shuffle is None else shuffle
     ds = DetectionDataset(data_cfg, split, img_size, augment, hyp, cache, seed=seed + max(rank, 0))
+    return build_loader(ds, batch_size, workers=workers, seed=seed, rank=rank, world_size=world_size,
+                        shuffle=shuffle), ds
+
+
+def build_loader(ds: DetectionDataset, batch_size: int, *, workers: int = 0, seed: int = 0, rank: int = -1,
+                 world_size: int = 1, shuffle: bool = False) -> DataLoader:
+    """The DataLoader of ``create_dataloader`` over an existing dataset (e.g. after ``ds.set_mosaic(0)``)."""
     sampler = None
     if world_size > 1:
         if not 0 <= rank < world_size:
@@ -299,4 +313,4 @@ def create_dataloader(data_cfg: dict[str, Any] | str | Path, split: str, img_siz
                         num_workers=workers, collate_fn=collate_fn, worker_init_fn=worker_init_fn if workers else None,
                         generator=gen, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                         prefetch_factor=4 if workers else None)
-    return loader, ds
+    return loader

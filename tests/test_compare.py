@@ -153,6 +153,8 @@ def test_update_doc_replaces_only_the_generated_block(tmp_path: Path) -> None:
     (["--batch-sizes", "8", "8"], "'8' is listed twice"),
     (["--batch-sizes", "128"], "does not divide the nominal batch 64"),
     (["--batch-sizes", "16", "24"], "24 does not divide"),
+    (["--nbs", "16", "--batch-sizes", "32"], "32 does not divide the nominal batch 16"),
+    (["--nbs", "0"], "--nbs: expected a positive nominal batch"),
     (["--img", "100"], "multiple of 32"),
     (["--train-args", "'unclosed"], "--train-args"),
     (["--train-args=--cos-lr --batch-size 4"], "--batch-size is set by compare.py"),
@@ -178,7 +180,11 @@ def test_train_argv_holds_the_cell_and_fixed_settings(tmp_path: Path) -> None:
     pairs = dict(zip(argv[::1], argv[1::1]))
     assert pairs["--norm"] == "gn:C/16" and pairs["--batch-size"] == "4" and pairs["--seed"] == "1"
     assert pairs["--name"] == "gn-C16-b4-s1" and pairs["--hyp"] == "h.yaml" and argv[-1] == "--cos-lr"
-    assert "--exist-ok" in argv
+    assert "--exist-ok" in argv and pairs["--nbs"] == "64"  # train.py's own default, passed explicitly
+    argv16 = study.train_argv(_config(nbs=16), study.Cell("bn", 2, 0), tmp_path)
+    assert dict(zip(argv16, argv16[1:]))["--nbs"] == "16"
+    with pytest.raises(ConfigError, match="--nbs is set by compare.py"):
+        study.config_from_args(compare.parse_opt(["--train-args=--nbs 8"]), compare.DEFAULTS)
 
 
 def _train_available() -> str | None:

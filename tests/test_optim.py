@@ -43,6 +43,10 @@ def test_nominal_batch_accumulation_and_decay_scaling() -> None:
     assert scaled_weight_decay(5e-4, 16) == pytest.approx(5e-4)  # 16 * 4 = 64
     assert scaled_weight_decay(5e-4, 24) == pytest.approx(5e-4 * 72 / 64)
     assert scaled_weight_decay(5e-4, 128) == pytest.approx(1e-3)
+    # --nbs 16: a batch of 16 steps every batch, a batch of 2 accumulates 8; decay is per 16 images
+    assert [accumulate_steps(b, 16) for b in (2, 4, 16, 32)] == [8, 4, 1, 1]
+    assert scaled_weight_decay(5e-4, 2, 16) == pytest.approx(5e-4)
+    assert scaled_weight_decay(5e-4, 32, 16) == pytest.approx(1e-3)
 
 
 def _opt() -> torch.optim.Optimizer:
@@ -75,6 +79,18 @@ def test_cosine_schedule_and_short_run_warmup() -> None:
     s.step(opt, epoch=5, ni=25)
     assert opt.param_groups[2]["lr"] == pytest.approx(HYP["lr0"] * (1 + HYP["lrf"]) / 2)
     assert s.accumulate == 1
+
+
+def test_schedule_accumulates_to_the_given_nominal_batch() -> None:
+    opt = _opt()
+    s = Schedule(HYP, epochs=10, batches_per_epoch=400, batch_size=2, nominal=16)
+    assert s.max_accumulate == 8
+    s.step(opt, epoch=0, ni=0)
+    assert s.accumulate == 1
+    s.step(opt, epoch=0, ni=s.nw // 2)
+    assert s.accumulate == round(1 + 7 / 2)  # ramps with the warmup, from 1 to 8
+    s.step(opt, epoch=5, ni=s.nw + 1)
+    assert s.accumulate == 8
 
 
 def test_ema_follows_the_decay_ramp() -> None:

@@ -61,9 +61,12 @@ def test_tiny_run_writes_everything(tmp_path: Path, capsys: pytest.CaptureFixtur
     import train
     from utils.checkpoint import load_checkpoint, model_from_checkpoint
 
+    from tests.logcapture import call_logged
+
     data = make_dataset(tmp_path / "data")
     argv = ["--data", str(data), "--epochs", "3", "--project", str(tmp_path / "runs"), "--seed", "1", *TINY]
-    res = train.main(train.parse_opt(argv))
+    res, lines = call_logged(train.main, train.parse_opt(argv + ["--close-mosaic", "1"]))
+    assert sum("Closing mosaic: the last 1 epochs" in ln for ln in lines) == 1
     run = Path(res["save_dir"])
     assert run == tmp_path / "runs" / "exp"
     for k in ("mAP50", "mAP50_95", "precision", "recall", "train_images_per_s", "wall_time_s"):
@@ -73,6 +76,7 @@ def test_tiny_run_writes_everything(tmp_path: Path, capsys: pytest.CaptureFixtur
     for f in ("results.png", "hyp.yaml", "opt.yaml", "weights/last.pt", "weights/best.pt"):
         assert (run / f).is_file(), f
     assert yaml.safe_load((run / "opt.yaml").read_text())["img"] == 64
+    assert yaml.safe_load((run / "hyp.yaml").read_text())["close_mosaic"] == 1  # the flag overrides the hyp file
     last, best = load_checkpoint(run / "weights" / "last.pt"), load_checkpoint(run / "weights" / "best.pt")
     assert last["epoch"] == 2 and last["optimizer"] is not None and best["optimizer"] is None
     assert last["names"] == ["red", "blue"] and last["model_yaml"]["norm"] == "bn"
@@ -230,3 +234,43 @@ def test_nonfinite_steps_are_skipped_then_stop() -> None:
     with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
         train_one_epoch(model, loader, bad_all, opt, sched, ema, scaler, torch.device("cpu"), 0, 1, img_size=64,
                         amp=False, main=False, nonfinite_limit=3)
+
+
+def test_set_mosaic_zero_gives_the_whole_image(tmp_path: Path) -> None:
+    """After ``set_mosaic(0)`` (the close-mosaic epochs) a train item is the image itself with its own boxes."""
+    from data.loader import DetectionDataset, build_loader, load_data_config
+
+    data = load_data_config(make_dataset(tmp_path / "data", n=6))
+    zero = {k: 0.0 for k in ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "fliplr",
+                             "flipud")}
+    ds = DetectionDataset(data, "train", 64, augment=True, hyp={**zero, "mosaic": 1.0})
+    ref = DetectionDataset(data, "train", 64, augment=False)
+    mixed = sum(not torch.equal(ds[i][0], ref[i][0]) for i in range(len(ds)))
+    assert mixed >= len(ds) - 1  # mosaic: tiles of other images, boxes moved
+    ds.set_mosaic(0.0)
+    assert ds.hyp["mosaic"] == 0.0
+    for i in range(len(ds)):
+        img, lab, _, _ = ds[i]
+        img0, lab0, _, _ = ref[i]
+        assert torch.equal(img, img0)
+        assert torch.allclose(lab, lab0, atol=1e-5)
+    batch = next(iter(build_loader(ds, 3, shuffle=False)))
+    assert batch[0].shape == (3, 3, 64, 64) and torch.equal(batch[0][0], ref[0][0].float() / 255)
+    with pytest.raises(ValueError, match="does not augment"):
+        ref.set_mosaic(0.0)
+
+
+def test_hyp_file_close_mosaic_is_optional_and_checked(tmp_path: Path) -> None:
+    from utils.engine import load_hyp
+    from utils.general import ConfigError
+
+    base = yaml.safe_load((ROOT / "cfg" / "hyp" / "scratch.yaml").read_text())
+    base.pop("close_mosaic", None)
+    f = tmp_path / "hyp.yaml"
+    f.write_text(yaml.safe_dump(base))
+    assert load_hyp(f)["close_mosaic"] == 0  # optional: older hyp files keep working
+    assert load_hyp(ROOT / "cfg" / "hyp" / "synthetic.yaml")["close_mosaic"] >= 1
+    for bad in (-1, 2.5):
+        f.write_text(yaml.safe_dump({**base, "close_mosaic": bad}))
+        with pytest.raises(ConfigError, match="close_mosaic"):
+            load_hyp(f)

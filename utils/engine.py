@@ -21,7 +21,7 @@ from utils.checkpoint import all_finite, load_checkpoint, model_state, save_chec
 from utils.ema import ModelEMA, de_parallel
 from utils.general import LOGGER, ROOT, ConfigError, init_seeds, load_yaml, select_device
 from utils.logger import BAR_FORMAT, ResultsLog, bar_description, bar_header, plot_results
-from utils.optim import OPTIMIZERS, Schedule, build_optimizer, scaled_weight_decay
+from utils.optim import NOMINAL_BATCH, OPTIMIZERS, Schedule, build_optimizer, scaled_weight_decay
 
 GRAD_CLIP = 10.0  # max gradient norm (as YOLOv5); also the place where non-finite gradients are caught
 
@@ -164,11 +164,14 @@ def plain_opt(opt: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()}
 
 
+OPTIONAL_HYP = {"close_mosaic": 0.0}  # keys a hyp file may leave out, with their defaults
+
+
 def load_hyp(path: str | Path) -> dict[str, Any]:
     """Read a hyp YAML and check it has every key of cfg/hyp/scratch.yaml with a numeric value."""
     hyp = load_yaml(path, "hyp file")
     required = load_yaml(ROOT / "cfg" / "hyp" / "scratch.yaml", "hyp file")
-    missing = [k for k in required if k not in hyp]
+    missing = [k for k in required if k not in hyp and k not in OPTIONAL_HYP]
     if missing:
         raise ConfigError(f"hyp file '{path}': missing key '{missing[0]}' "
                           f"(every key of cfg/hyp/scratch.yaml is needed)")
@@ -179,7 +182,10 @@ def load_hyp(path: str | Path) -> dict[str, Any]:
     for k, v in hyp.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"hyp file '{path}': key '{k}' must be a number, got {v!r}")
-    out: dict[str, Any] = {k: float(v) for k, v in hyp.items()}
+    out: dict[str, Any] = {**OPTIONAL_HYP, **{k: float(v) for k, v in hyp.items()}}
+    if out["close_mosaic"] < 0 or out["close_mosaic"] != int(out["close_mosaic"]):
+        raise ConfigError(f"hyp file '{path}': key 'close_mosaic' expected a whole number of epochs >= 0, "
+                          f"got {hyp['close_mosaic']!r}")
     if opt_name is not None:
         out["optimizer"] = opt_name
     return out
@@ -187,7 +193,7 @@ def load_hyp(path: str | Path) -> dict[str, Any]:
 
 def fit(opt: argparse.Namespace) -> dict[str, Any]:
     """Run a whole training as configured by ``opt`` (see ``train.parse_opt``); returns the summary dict."""
-    from data.loader import create_dataloader, load_data_config  # the data package is only needed here
+    from data.loader import build_loader, create_dataloader, load_data_config  # the data package is only needed here
     import val
 
     t_start = time.time()
@@ -203,6 +209,8 @@ def fit(opt: argparse.Namespace) -> dict[str, Any]:
     init_seeds(opt.seed + 1 + max(env.rank, 0), deterministic=opt.deterministic)
     ckpt = load_checkpoint(opt.resume) if opt.resume else None
     hyp = dict(ckpt["hyp"]) if ckpt else load_hyp(opt.hyp)  # a resumed run keeps its own hyper-parameters
+    if getattr(opt, "close_mosaic", None) is not None and not ckpt:  # the flag wins; a resume keeps its hyp
+        hyp["close_mosaic"] = float(opt.close_mosaic)
     data_cfg = load_data_config(opt.data)
     names, nc = list(data_cfg["names"]), int(data_cfg["nc"])
     start_epoch = ckpt["epoch"] + 1 if ckpt else 0
@@ -218,10 +226,13 @@ def fit(opt: argparse.Namespace) -> dict[str, Any]:
     model = _build_model(opt, nc, names, ckpt)
     bs = opt.batch_size // env.world_size
     amp = device.type == "cuda"
+    # the final close_mosaic epochs train on whole images, as validation sees them (YOLOv8's close_mosaic)
+    close_at = opt.epochs - int(hyp.get("close_mosaic", 0)) if hyp["mosaic"] > 0 else opt.epochs
     with du.zero_first(env.rank):  # rank 0 builds any dataset cache first
         train_loader, train_set = create_dataloader(
-            data_cfg, "train", opt.img, bs, augment=True, hyp=hyp, workers=opt.workers, seed=opt.seed,
-            rank=env.rank, world_size=env.world_size, cache=opt.cache or False, shuffle=True)
+            data_cfg, "train", opt.img, bs, augment=True, hyp=dict(hyp, mosaic=0.0) if start_epoch >= close_at
+            else hyp, workers=opt.workers, seed=opt.seed, rank=env.rank, world_size=env.world_size,
+            cache=opt.cache or False, shuffle=True)
     val_loader = val_set = None
     if main:
         val_loader, val_set = create_dataloader(data_cfg, "val", opt.img, bs * 2, augment=False, hyp=hyp,
@@ -236,8 +247,9 @@ def fit(opt: argparse.Namespace) -> dict[str, Any]:
         model = convert_sync_batchnorm(model)
         if main:
             LOGGER.info("Using SyncBatchNorm")
+    nbs = int(getattr(opt, "nbs", NOMINAL_BATCH))
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"],
-                                scaled_weight_decay(hyp["weight_decay"], opt.batch_size))
+                                scaled_weight_decay(hyp["weight_decay"], opt.batch_size, nbs))
     ema = ModelEMA(model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     best_fitness, best_epoch = 0.0, -1
@@ -253,12 +265,12 @@ def fit(opt: argparse.Namespace) -> dict[str, Any]:
     if env.world_size > 1:
         model = du.wrap_ddp(model, device)  # broadcasts rank 0's weights and anchors
     compute_loss = ComputeLoss(model, hyp, opt.img)
-    schedule = Schedule(hyp, opt.epochs, len(train_loader), opt.batch_size, cos_lr=opt.cos_lr)
+    schedule = Schedule(hyp, opt.epochs, len(train_loader), opt.batch_size, cos_lr=opt.cos_lr, nominal=nbs)
     log = ResultsLog(save_dir, start_epoch - 1 if ckpt else None) if main else None
     params = sum(p.numel() for p in de_parallel(model).parameters())
     if main:
         LOGGER.info(f"{params:,} parameters; {len(train_set)} train images, batch {opt.batch_size} "
-                    f"(accumulate {schedule.max_accumulate}), {opt.img} px, {device}, {opt.epochs} epochs "
+                    f"(accumulate {schedule.max_accumulate} to nominal {nbs}), {opt.img} px, {device}, {opt.epochs} epochs "
                     f"-> {save_dir}")
     images = 0
     train_time = 0.0
@@ -267,6 +279,13 @@ def fit(opt: argparse.Namespace) -> dict[str, Any]:
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, opt.epochs):
+            if epoch == close_at and epoch > start_epoch:
+                if main:
+                    LOGGER.info(f"Closing mosaic: the last {opt.epochs - close_at} epochs train on whole images")
+                del train_loader  # shuts its persistent workers down before new ones start
+                train_set.set_mosaic(0.0)
+                train_loader = build_loader(train_set, bs, workers=opt.workers, seed=opt.seed + epoch,
+                                            rank=env.rank, world_size=env.world_size, shuffle=True)
             res = train_one_epoch(model, train_loader, compute_loss, optimizer, schedule, ema, scaler, device,
                                   epoch, opt.epochs, img_size=opt.img, amp=amp, main=main,
                                   world_size=env.world_size, nonfinite_limit=opt.nonfinite_limit)

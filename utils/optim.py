@@ -93,16 +93,18 @@ class Schedule:
     Args:
         hyp: needs ``lr0``, ``lrf``, ``momentum``, ``warmup_epochs``, ``warmup_momentum``, ``warmup_bias_lr``.
         epochs: planned epochs; batches_per_epoch: iterations per epoch on this rank; batch_size: total batch.
+        nominal: images per optimizer step that gradient accumulation aims for (``--nbs``).
     """
 
     def __init__(self, hyp: dict[str, Any], epochs: int, batches_per_epoch: int, batch_size: int,
-                 cos_lr: bool = False, min_warmup_iters: int = 100) -> None:
+                 cos_lr: bool = False, min_warmup_iters: int = 100, nominal: int = NOMINAL_BATCH) -> None:
         self.hyp, self.epochs, self.nb = hyp, epochs, batches_per_epoch
         self.lf = lr_lambda(epochs, float(hyp["lrf"]), cos_lr)
         nw = max(round(float(hyp["warmup_epochs"]) * batches_per_epoch), min_warmup_iters)
         # never spend more than a third of a (tiny) run warming up
         self.nw = min(nw, epochs * batches_per_epoch // 3) if float(hyp["warmup_epochs"]) > 0 else 0
-        self.max_accumulate = accumulate_steps(batch_size)
+        self.max_accumulate = accumulate_steps(batch_size, nominal)
+        self.nominal = nominal
         self.accumulate = self.max_accumulate
         self.batch_size = batch_size
 
@@ -111,7 +113,7 @@ class Schedule:
         lr0, f = float(self.hyp["lr0"]), self.lf(epoch)
         if ni < self.nw:
             xi = [0, self.nw]
-            self.accumulate = max(1, int(np.interp(ni, xi, [1, NOMINAL_BATCH / self.batch_size]).round()))
+            self.accumulate = max(1, int(np.interp(ni, xi, [1, self.nominal / self.batch_size]).round()))
             self.accumulate = min(self.accumulate, self.max_accumulate)
             for g in optimizer.param_groups:
                 start = float(self.hyp["warmup_bias_lr"]) if g.get("name") == "bias" else 0.0

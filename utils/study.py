@@ -79,6 +79,7 @@ class StudyConfig:
     workers: int = 2
     train_args: list[str] = field(default_factory=list)  # extra train.py flags, passed verbatim to every run
     infer_batch: int = 8  # images per forward when timing inference (a few batches after training)
+    nbs: int = NOMINAL_BATCH  # nominal batch (images per optimizer step), the same in every cell
 
     def validate(self) -> None:
         """Raise ConfigError (one line) for an empty or duplicated grid or impossible numbers."""
@@ -89,11 +90,14 @@ class StudyConfig:
             dup = next((v for v in keys if keys.count(v) > 1), None)
             if dup is not None:
                 raise ConfigError(f"{name}: '{dup}' is listed twice")
-        # accumulation rounds NOMINAL_BATCH / batch: only divisors keep the effective batch at exactly NOMINAL_BATCH
-        bad = [b for b in self.batch_sizes if b < 1 or b > NOMINAL_BATCH or NOMINAL_BATCH % b]
+        if self.nbs < 1:
+            raise ConfigError(f"--nbs: expected a positive nominal batch, got {self.nbs}")
+        # accumulation rounds nbs / batch: only divisors keep the effective batch at exactly nbs in every cell
+        bad = [b for b in self.batch_sizes if b < 1 or b > self.nbs or self.nbs % b]
         if bad:
-            raise ConfigError(f"--batch-sizes: {bad[0]} does not divide the nominal batch {NOMINAL_BATCH}, so the "
-                              f"effective batch would differ between cells (use 64, 32, 16, 8, 4, 2 or 1)")
+            divisors = ", ".join(str(d) for d in range(self.nbs, 0, -1) if self.nbs % d == 0)
+            raise ConfigError(f"--batch-sizes: {bad[0]} does not divide the nominal batch {self.nbs}, so the "
+                              f"effective batch would differ between cells (use {divisors})")
         if self.epochs < 1:
             raise ConfigError(f"--epochs: expected >= 1, got {self.epochs}")
         if self.img < 32 or self.img % 32:
@@ -172,7 +176,7 @@ def train_argv(config: StudyConfig, cell: Cell, runs_dir: Path) -> list[str]:
         "--project", str(runs_dir), "--name", cell.run_name, "--exist-ok",
         # every cell trains exactly the planned epochs (no early stop) and is scored once, on its final EMA
         # weights: picking the best epoch on the val split would favour the noisier arm
-        "--noval", "--patience", "0",
+        "--noval", "--patience", "0", "--nbs", str(config.nbs),
     ]
     if config.hyp:
         argv += ["--hyp", config.hyp]
@@ -224,7 +228,7 @@ def _is_main_rank() -> bool:
 # train.py flags that compare.py sets for every cell (train_argv); --train-args may not repeat them
 _CELL_FLAGS = {"--data", "--cfg", "--norm", "--hyp", "--epochs", "--batch-size", "--img", "--img-size", "--imgsz",
                "--device", "--workers", "--seed", "--project", "--name", "--exist-ok", "--resume", "--noval",
-               "--patience"}
+               "--patience", "--nbs"}
 
 
 def config_from_args(opt: Any, defaults: dict[str, Any]) -> StudyConfig:
@@ -247,7 +251,7 @@ def config_from_args(opt: Any, defaults: dict[str, Any]) -> StudyConfig:
     config = StudyConfig(data=str(pick["data"]), cfg=str(pick["cfg"]), norms=[str(n) for n in pick["norms"]],
                          batch_sizes=[int(b) for b in pick["batch_sizes"]], seeds=[int(s) for s in pick["seeds"]],
                          epochs=int(pick["epochs"]), img=int(pick["img"]), hyp=opt.hyp, device=str(opt.device),
-                         workers=int(opt.workers), train_args=extra)
+                         workers=int(opt.workers), train_args=extra, nbs=int(pick.get("nbs", NOMINAL_BATCH)))
     config.validate()  # before any folder is created
     return config
 

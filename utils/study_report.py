@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from utils.general import ROOT, ConfigError, atomic_write
-from utils.optim import NOMINAL_BATCH
 
 if TYPE_CHECKING:
     from utils.study import StudyConfig
@@ -149,7 +148,7 @@ def render_markdown(config: StudyConfig, rows: Sequence[dict[str, Any]]) -> str:
         lines += [f"**Δ vs {ref}** (difference of the means above, mAP50-95 points):", "", head + "".join(deltas)]
     lines += [_reading(config, stats, ref), ""]
     lines += [
-        f"Every run uses gradient accumulation to a nominal batch of {NOMINAL_BATCH} images per optimizer step, so "
+        f"Every run uses gradient accumulation to a nominal batch of {config.nbs} images per optimizer step, so "
         "the effective batch, the number of optimizer steps and the learning-rate schedule are the same in every "
         "column; the batch size only changes how many images each normalisation layer sees per forward pass.",
         "",
@@ -249,7 +248,7 @@ def plot_study(config: StudyConfig, rows: Sequence[dict[str, Any]], path: Path) 
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(config.batch_sizes), [str(b) for b in sorted(config.batch_sizes)])
     ax.invert_xaxis()  # as in the Group Normalization paper: smaller per-step batches to the right
-    ax.set_xlabel(f"images per step (batch size; nominal batch {NOMINAL_BATCH} held fixed)")
+    ax.set_xlabel(f"images per forward pass (batch size; nominal batch {config.nbs} held fixed)")
     ax.set_ylabel("mAP50-95 (×100)")
     ax.set_title(f"{Path(config.cfg).stem} (norm replaced per line), {config.epochs} epoch(s), {config.img} px\n"
                  f"error bars: sample std over {len(config.seeds)} seed(s)", fontsize=10)

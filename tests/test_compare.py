@@ -242,7 +242,7 @@ def test_gn_paper_preset_is_the_16_run_grid(tmp_path: Path, monkeypatch: pytest.
     assert {(c.norm, c.batch_size, c.seed) for _, c in calls} == {
         (n, b, s) for n in ("bn", "gn:C/16") for b in (16, 8, 4, 2) for s in (0, 1)}
     config = calls[0][0]
-    assert (config.epochs, config.img, Path(config.data).name) == (6, 256, "512-200.yaml")
+    assert (config.epochs, config.img, config.nbs, Path(config.data).name) == (6, 256, 16, "768-500.yaml")
     assert "| Δ gn:C/16 vs bn |" in (save_dir / "study.md").read_text()
 
 

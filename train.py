@@ -109,7 +109,7 @@ def check_opt(opt: argparse.Namespace) -> None:
         raise ConfigError(f"--nbs {opt.nbs}: expected a positive nominal batch (64 by default)")
     if opt.workers < 0:
         raise ConfigError(f"--workers {opt.workers}: expected 0 or more")
-    if getattr(opt, "close_mosaic", None) is not None and opt.close_mosaic < 0:
+    if opt.close_mosaic is not None and opt.close_mosaic < 0:
         raise ConfigError(f"--close-mosaic {opt.close_mosaic}: expected 0 or more epochs")
     for flag, folder in (() if opt.resume else (("cfg", "models"), ("hyp", "hyp"))):  # resume: from the ckpt
         p = Path(getattr(opt, flag))

@@ -230,9 +230,8 @@ def fit(opt: argparse.Namespace) -> dict[str, Any]:
     close_at = opt.epochs - int(hyp.get("close_mosaic", 0)) if hyp["mosaic"] > 0 else opt.epochs
     with du.zero_first(env.rank):  # rank 0 builds any dataset cache first
         train_loader, train_set = create_dataloader(
-            data_cfg, "train", opt.img, bs, augment=True, hyp=dict(hyp, mosaic=0.0) if start_epoch >= close_at
-            else hyp, workers=opt.workers, seed=opt.seed, rank=env.rank, world_size=env.world_size,
-            cache=opt.cache or False, shuffle=True)
+            data_cfg, "train", opt.img, bs, augment=True, hyp=hyp, workers=opt.workers, seed=opt.seed,
+            rank=env.rank, world_size=env.world_size, cache=opt.cache or False, shuffle=True)
     val_loader = val_set = None
     if main:
         val_loader, val_set = create_dataloader(data_cfg, "val", opt.img, bs * 2, augment=False, hyp=hyp,
@@ -279,7 +278,7 @@ def fit(opt: argparse.Namespace) -> dict[str, Any]:
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, opt.epochs):
-            if epoch == close_at and epoch > start_epoch:
+            if epoch >= close_at and train_set.hyp["mosaic"] > 0:  # at close_at, or when a resume starts past it
                 if main:
                     LOGGER.info(f"Closing mosaic: the last {opt.epochs - close_at} epochs train on whole images")
                 del train_loader  # shuts its persistent workers down before new ones start

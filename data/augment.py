@@ -1,12 +1,15 @@
-"""Image geometry for training and inference: albumentations train pipeline, letterbox and its exact inverse.
+"""Image geometry for training and inference: the train transform, letterbox and its exact inverse.
 
-Boxes are ``xyxy`` in pixels throughout. The train pipeline is built from albumentations transforms
-(Mosaic, Affine, HueSaturationValue, flips); ``letterbox`` is a plain resize + constant pad because
-val.py and detect.py need the exact scale and padding back to map predictions to original pixels.
+Boxes are ``xyxy`` in pixels throughout. Training follows YOLOv5's geometry: a mosaic of four tiles flush at a
+random junction of a 2s x 2s canvas (our code: albumentations' Mosaic pads tiles inside fixed cells), then
+albumentations' Affine on the whole canvas and a CenterCrop to s x s, HSV gains, flips and the box filter.
+``letterbox`` is a plain resize + constant pad because val.py and detect.py need the exact scale and padding back
+to map predictions to original pixels.
 """
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,9 @@ import torch
 from utils.general import ROOT, ConfigError, load_yaml
 
 PAD_VALUE = 114  # grey used for every padded / uncovered pixel (train and val alike)
-AUG_KEYS = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "fliplr", "flipud", "mosaic")
+AUG_KEYS = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "fliplr", "flipud",
+            "mosaic")
+OPTIONAL_AUG = {"perspective": 0.0}  # keys a hyp file may leave out (YOLOv5's hyp files have perspective: 0.0)
 _PROB_KEYS = ("fliplr", "flipud", "mosaic")
 
 
@@ -87,10 +92,14 @@ def scale_boxes_to_original(
 
 
 def load_hyp(hyp: dict[str, Any] | str | Path | None) -> dict[str, float]:
-    """Augmentation hyper-parameters from a dict or hyp YAML (None -> cfg/hyp/scratch.yaml), validated."""
+    """Augmentation hyper-parameters from a dict or hyp YAML (None -> cfg/hyp/scratch.yaml), validated.
+
+    ``perspective`` is optional (default 0, as in YOLOv5's hyp files).
+    """
     src = "cfg/hyp/scratch.yaml" if hyp is None else (str(hyp) if not isinstance(hyp, dict) else "hyp")
     if not isinstance(hyp, dict):
         hyp = load_yaml(ROOT / "cfg" / "hyp" / "scratch.yaml" if hyp is None else hyp, "hyp file")
+    hyp = {**OPTIONAL_AUG, **hyp}
     out: dict[str, float] = {}
     for k in AUG_KEYS:
         v = hyp.get(k)
@@ -101,40 +110,152 @@ def load_hyp(hyp: dict[str, Any] | str | Path | None) -> dict[str, float]:
         out[k] = float(v)
     if out["scale"] >= 1:
         raise ConfigError(f"{src}: key 'scale' expected a number in [0, 1) (zoom 1 +/- scale), got {out['scale']}")
+    for k in ("hsv_h", "hsv_s", "hsv_v"):
+        if out[k] > 1:
+            raise ConfigError(f"{src}: key '{k}' is a gain fraction, expected a number in [0, 1], got {out[k]}")
     return out
 
 
-def build_train_transform(img_size: int, hyp: dict[str, float], pad_value: int = PAD_VALUE) -> A.Compose:
-    """The training pipeline; output is always img_size x img_size.
+class HSVGain(A.ImageOnlyTransform):
+    """YOLOv5's colour jitter: hue, saturation and value each multiplied by a gain drawn from [1 - g, 1 + g].
 
-    Call it with ``image`` (RGB uint8, long side already resized to img_size), ``bboxes`` (n, 4) pascal_voc
-    pixels, ``cls`` (n,), and ``mosaic_metadata``: a list of 3 dicts with the same keys for the other tiles
-    (A.Mosaic puts the primary image in the largest visible cell and the extra ones in the others).
-
-    HSV: hyp fractions follow YOLOv5's meaning (hue as a fraction of the hue circle, saturation / value as
-    relative gains); A.HueSaturationValue shifts additively in OpenCV units, so a gain g becomes a shift of
-    g * 127.5 (the gain's effect at mid-scale) and hue h becomes h * 180 (OpenCV hue spans 0..180).
+    Gains (not albumentations' additive ``HueSaturationValue`` shifts, nor ``ColorJitter``'s blend with the luma
+    image) keep grey pixels grey and black pixels black. Hue is in OpenCV units (0..180) and wraps around.
+    Input and output: RGB uint8 (H, W, 3).
     """
-    s = int(img_size)
-    fill = (pad_value,) * 3
-    p_hsv = 1.0 if any(hyp[k] for k in ("hsv_h", "hsv_s", "hsv_v")) else 0.0
-    t = [
-        # Cells as large as the output: each tile contributes a corner region at its letterbox scale, so object
-        # scale in training matches validation before the random zoom below.
-        A.Mosaic(grid_yx=(2, 2), target_size=(s, s), cell_shape=(s, s), center_range=(0.25, 0.75),
-                 fit_mode="contain", fill=fill, p=hyp["mosaic"]),
-        A.PadIfNeeded(min_height=s, min_width=s, position="center", border_mode=cv2.BORDER_CONSTANT, fill=fill),
-        A.Affine(scale=(1 - hyp["scale"], 1 + hyp["scale"]), translate_percent=(-hyp["translate"], hyp["translate"]),
-                 rotate=(-hyp["degrees"], hyp["degrees"]), shear=(-hyp["shear"], hyp["shear"]), keep_ratio=True,
-                 border_mode=cv2.BORDER_CONSTANT, fill=fill, p=1.0),
-        A.HueSaturationValue(hue_shift_limit=hyp["hsv_h"] * 180, sat_shift_limit=hyp["hsv_s"] * 127.5,
-                             val_shift_limit=hyp["hsv_v"] * 127.5, p=p_hsv),
-        A.HorizontalFlip(p=hyp["fliplr"]),
-        A.VerticalFlip(p=hyp["flipud"]),
-    ]
-    # min_width/height 2 px drop slivers left by crops; clip=True absorbs sub-pixel overshoot from resize rounding
-    bbox_params = A.BboxParams(format="pascal_voc", label_fields=["cls"], min_width=2, min_height=2, clip=True)
-    return A.Compose(t, bbox_params=bbox_params, seed=0)
+
+    def __init__(self, hgain: float, sgain: float, vgain: float, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.gains = (float(hgain), float(sgain), float(vgain))
+
+    def get_params(self) -> dict[str, Any]:
+        return {"r": [self.py_random.uniform(-1, 1) * g + 1 for g in self.gains]}
+
+    def apply(self, img: np.ndarray, r: list[float] | None = None, **params: Any) -> np.ndarray:
+        x = np.arange(256, dtype=np.float32)
+        lut_h = ((x * r[0]) % 180).astype(np.uint8)
+        lut_s = np.clip(x * r[1], 0, 255).astype(np.uint8)
+        lut_v = np.clip(x * r[2], 0, 255).astype(np.uint8)
+        h, s, v = cv2.split(cv2.cvtColor(img, cv2.COLOR_RGB2HSV))
+        hsv = cv2.merge((cv2.LUT(h, lut_h), cv2.LUT(s, lut_s), cv2.LUT(v, lut_v)))
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("gains",)
+
+
+Tile = tuple[np.ndarray, np.ndarray, np.ndarray]  # (image (h, w, 3) uint8, boxes (n, 4) xyxy px, cls (n,))
+
+
+def mosaic_canvas(tiles: list[Tile], s: int, rng: random.Random, fill: int = PAD_VALUE,
+                  with_mask: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Four tiles flush against a random junction on a 2s x 2s canvas (YOLOv4/v5 mosaic geometry).
+
+    The junction (xc, yc) is uniform in [s/2, 3s/2]^2; tile 0 ends at it from the top-left, tile 1 from the top
+    right, tile 2 from the bottom left, tile 3 from the bottom right, each at its own size (long side s, aspect
+    kept, never padded to a square); what falls outside the canvas is cut. albumentations' ``Mosaic`` cannot give
+    this: its cells sit on a fixed grid and pad a non-square image inside its cell.
+
+    Returns (canvas (2s, 2s, 3) uint8, boxes (n, 4) xyxy canvas pixels clipped, cls (n,), mask (2s, 2s) uint8 of
+    image pixels or None).
+    """
+    if len(tiles) != 4:
+        raise ValueError(f"mosaic_canvas: expected 4 tiles, got {len(tiles)}")
+    xc, yc = (int(rng.uniform(0.5 * s, 1.5 * s)) for _ in range(2))
+    canvas = np.full((2 * s, 2 * s, 3), fill, np.uint8)
+    mask = np.zeros((2 * s, 2 * s), np.uint8) if with_mask else None
+    all_boxes, all_cls = [], []
+    for k, (img, boxes, cls) in enumerate(tiles):
+        h, w = img.shape[:2]
+        x0 = xc - w if k in (0, 2) else xc  # top-left corner of the tile on the canvas
+        y0 = yc - h if k in (0, 1) else yc
+        cx1, cy1, cx2, cy2 = max(x0, 0), max(y0, 0), min(x0 + w, 2 * s), min(y0 + h, 2 * s)
+        canvas[cy1:cy2, cx1:cx2] = img[cy1 - y0:cy2 - y0, cx1 - x0:cx2 - x0]
+        if mask is not None:
+            mask[cy1:cy2, cx1:cx2] = 1
+        if len(boxes):
+            all_boxes.append(np.asarray(boxes, np.float32).reshape(-1, 4) + np.array([x0, y0, x0, y0], np.float32))
+            all_cls.append(np.asarray(cls).reshape(-1))
+    boxes = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4), np.float32)
+    cls = np.concatenate(all_cls) if all_cls else np.zeros(0)
+    boxes = np.clip(boxes, 0, 2 * s)
+    keep = (boxes[:, 2] - boxes[:, 0] > 0) & (boxes[:, 3] - boxes[:, 1] > 0)  # wholly outside the canvas
+    return canvas, boxes[keep], cls[keep], mask
+
+
+class TrainTransform:
+    """The training geometry of YOLOv5: mosaic on a 2s canvas, one random affine of the whole canvas, the s x s cut.
+
+    ``__call__(tiles)`` takes 4 tiles (mosaic) or 1 tile (whole image, letterboxed to s x s) with images already
+    resized to long side s, and returns ``{'image': (s, s, 3) uint8, 'bboxes': (n, 4) xyxy px, 'cls': (n,)}``
+    (plus ``'mask'`` (s, s) uint8, 1 = image pixel, with ``with_mask=True``; for statistics).
+
+    albumentations does the per-pixel work: ``Affine`` (zoom, rotation, shear and translation about the canvas
+    centre, as YOLOv5's ``random_perspective``), ``Perspective`` when the hyp asks for it, ``CenterCrop`` (the s x s
+    cut of a 2s mosaic canvas: a zoom-out shows more canvas, i.e. more image, not padding), flips, and the box
+    filter: a box survives when it is >= 2 px each way, keeps >= 10 % of its area through each geometric step and
+    its aspect ratio is <= 100 (YOLOv5's ``box_candidates``).
+    """
+
+    def __init__(self, img_size: int, hyp: dict[str, float], pad_value: int = PAD_VALUE,
+                 with_mask: bool = False) -> None:
+        self.s, self.hyp, self.fill, self.with_mask = int(img_size), hyp, pad_value, with_mask
+        self.rng = random.Random(0)
+        self.mosaic = self._compose(2 * self.s, crop=True)
+        self.single = self._compose(self.s, crop=False)
+
+    def _compose(self, canvas: int, crop: bool) -> A.Compose:
+        hyp, s, fill = self.hyp, self.s, (self.fill,) * 3
+        t = hyp["translate"] * s / canvas  # translation is a fraction of the output size, as in YOLOv5
+        geo: list[A.BasicTransform] = []
+        if hyp.get("perspective", 0.0) > 0:  # corner jitter as a fraction of the output size (default 0: off)
+            geo.append(A.Perspective(scale=(0.0, hyp["perspective"] * s), keep_size=True, fit_output=False,
+                                     border_mode=cv2.BORDER_CONSTANT, fill=fill, fill_mask=0, p=1.0))
+        geo.append(A.Affine(scale=(1 - hyp["scale"], 1 + hyp["scale"]), translate_percent=(-t, t),
+                            rotate=(-hyp["degrees"], hyp["degrees"]), shear=(-hyp["shear"], hyp["shear"]),
+                            keep_ratio=True, border_mode=cv2.BORDER_CONSTANT, fill=fill, fill_mask=0, p=1.0))
+        if crop:
+            geo.append(A.CenterCrop(height=s, width=s, p=1.0))
+        pix: list[A.BasicTransform] = []
+        if any(hyp[k] for k in ("hsv_h", "hsv_s", "hsv_v")):
+            pix.append(HSVGain(hyp["hsv_h"], hyp["hsv_s"], hyp["hsv_v"], p=1.0))
+        pix += [A.HorizontalFlip(p=hyp["fliplr"]), A.VerticalFlip(p=hyp["flipud"])]
+        # checked after every step: >= 2 px each way, >= 10 % of the area the step gave it, aspect <= 100
+        bbox_params = A.BboxParams(format="pascal_voc", label_fields=["cls"], min_width=2, min_height=2,
+                                   min_visibility=0.1, max_accept_ratio=100.0, clip=True)
+        return A.Compose(geo + pix, bbox_params=bbox_params, seed=0)
+
+    def set_random_seed(self, seed: int) -> None:
+        self.rng.seed(seed)
+        self.mosaic.set_random_seed(seed)
+        self.single.set_random_seed(seed + 1)
+
+    def __call__(self, tiles: list[Tile]) -> dict[str, Any]:
+        if len(tiles) == 4:
+            img, boxes, cls, mask = mosaic_canvas(tiles, self.s, self.rng, self.fill, self.with_mask)
+            pipe = self.mosaic
+        elif len(tiles) == 1:
+            img0, boxes, cls = tiles[0]
+            img, r, (pw, ph) = letterbox(img0, self.s, auto=False, color=(self.fill,) * 3)
+            boxes = np.asarray(boxes, np.float32).reshape(-1, 4) * r + np.array([pw, ph, pw, ph], np.float32)
+            mask = None
+            if self.with_mask:
+                mask = np.zeros(img.shape[:2], np.uint8)
+                mask[ph:ph + round(img0.shape[0] * r), pw:pw + round(img0.shape[1] * r)] = 1
+            pipe = self.single
+        else:
+            raise ValueError(f"TrainTransform: expected 1 or 4 tiles, got {len(tiles)}")
+        kw = {"mask": mask} if mask is not None else {}
+        out = pipe(image=img, bboxes=np.asarray(boxes, np.float32).reshape(-1, 4), cls=np.asarray(cls), **kw)
+        out["bboxes"] = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
+        out["cls"] = np.asarray(out["cls"])
+        return out
+
+
+def build_train_transform(img_size: int, hyp: dict[str, float], pad_value: int = PAD_VALUE,
+                          with_mask: bool = False) -> TrainTransform:
+    """The training transform for ``img_size`` and validated ``hyp`` (see :class:`TrainTransform`)."""
+    return TrainTransform(img_size, hyp, pad_value, with_mask)
 
 
 def xyxy_to_cxcywh_norm(boxes: np.ndarray, w: int, h: int) -> np.ndarray:

@@ -160,7 +160,7 @@ class DetectionDataset(Dataset):
         self.transform = build_train_transform(self.img_size, self.hyp)
 
     def reseed(self, seed: int) -> None:
-        """Seed mosaic partner choice and albumentations (called per worker by ``worker_init_fn``)."""
+        """Seed mosaic choice, partners, junction and albumentations (called per worker by ``worker_init_fn``)."""
         self._rng = random.Random(seed)
         if self.transform is not None:
             self.transform.set_random_seed(seed)
@@ -205,37 +205,43 @@ class DetectionDataset(Dataset):
         keep = ~rec.crowd
         return rec.boxes[keep] * (self.img_size / max(rec.height, rec.width)), rec.cls[keep]
 
-    def _train_item(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        img = self.load_image(i)
-        if img is None:
-            return None
-        boxes, cls = self._boxes(i)
-        kw: dict[str, Any] = {}
-        if self.hyp["mosaic"] > 0:
-            meta = []
-            for j in (self._rng.randrange(len(self)) for _ in range(3)):
-                im_j = self.load_image(j)
-                if im_j is not None:
-                    b, c = self._boxes(j)
-                    meta.append({"image": im_j, "bboxes": b, "cls": c})
-            kw["mosaic_metadata"] = meta
+    def train_sample(self, i: int) -> dict[str, Any] | None:
+        """Augmented sample of image i, or None when an image is unreadable (logged).
+
+        With probability ``mosaic`` image i goes into a mosaic with 3 random others, at a random position.
+        Returns the transform's dict (``image`` (S, S, 3) uint8, ``bboxes`` (n, 4) xyxy px, ``cls`` (n,), ``mask``
+        when the transform makes one) plus ``boxes_in``: the boxes of the tiles before the geometry.
+        """
+        if self.hyp["mosaic"] > 0 and self._rng.random() < self.hyp["mosaic"]:
+            idx = [i] + [self._rng.randrange(len(self)) for _ in range(3)]
+            self._rng.shuffle(idx)
+        else:
+            idx = [i]
+        tiles = []
+        for j in idx:
+            img = self.load_image(j)
+            if img is None:
+                return None
+            tiles.append((img, *self._boxes(j)))
         try:
-            out = self.transform(image=img, bboxes=boxes, cls=cls, **kw)
+            out = self.transform(tiles)
         except (ValueError, cv2.error) as e:  # e.g. an odd image mode: logged, and the caller picks another image
             LOGGER.warning(f"WARNING: augmentation failed on {self.records[i].im_file} ({e}); using another image")
             return None
-        return out["image"], np.asarray(out["bboxes"], np.float32).reshape(-1, 4), np.asarray(out["cls"])
+        out["boxes_in"] = sum(len(t[1]) for t in tiles)
+        return out
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str, dict[str, Any]]:
         s = self.img_size
         item = None
         if self.augment:
-            item = self._train_item(i)
+            out = self.train_sample(i)
             for _ in range(10):  # a file broken after the scan: train on another image rather than crash
-                if item is not None:
+                if out is not None:
                     break
                 i = self._rng.randrange(len(self))
-                item = self._train_item(i)
+                out = self.train_sample(i)
+            item = None if out is None else (out["image"], out["bboxes"], out["cls"])
             if item is None:  # every try failed (all logged): an empty grey image keeps the batch shape
                 item = (np.full((s, s, 3), PAD_VALUE, np.uint8), np.zeros((0, 4)), np.zeros(0))
         rec = self.records[i]

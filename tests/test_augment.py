@@ -1,15 +1,18 @@
 """Geometry tests: letterbox and its inverse, and that boxes follow the pixels through every train transform."""
 from __future__ import annotations
 
+import random
+
+import cv2
 import numpy as np
 import pytest
 import torch
 
-from data.augment import build_train_transform, letterbox, load_hyp, scale_boxes_to_original
+from data.augment import HSVGain, build_train_transform, letterbox, load_hyp, mosaic_canvas, scale_boxes_to_original
 from utils.general import ConfigError
 
-ZERO = {k: 0.0 for k in ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "fliplr", "flipud",
-                         "mosaic")}
+ZERO = {k: 0.0 for k in ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
+                         "fliplr", "flipud", "mosaic")}
 
 
 def _extent(mask: np.ndarray) -> np.ndarray | None:
@@ -68,8 +71,8 @@ def test_flip_only_mirrors_boxes():
     t = build_train_transform(s, {**ZERO, "fliplr": 1.0})
     img = np.zeros((240, 320, 3), np.uint8)
     img[50:90, 30:100] = 200
-    out = t(image=img, bboxes=np.array([[30, 50, 100, 90]], np.float32), cls=np.array([3]))
-    # PadIfNeeded centres the 240-high image in 320 (40 px top), then the flip mirrors x: x' = 320 - x
+    out = t([(img, np.array([[30, 50, 100, 90]], np.float32), np.array([3]))])
+    # the letterbox centres the 240-high image in 320 (40 px top), then the flip mirrors x: x' = 320 - x
     np.testing.assert_allclose(out["bboxes"], [[220, 90, 290, 130]], atol=1e-3)
     np.testing.assert_allclose(_extent(out["image"][..., 0] == 200), out["bboxes"][0], atol=1e-3)
     assert list(out["cls"]) == [3]
@@ -91,44 +94,132 @@ def _tile(rng: np.random.Generator, s: int, first_cls: int) -> tuple[np.ndarray,
 
 
 def test_mosaic_keeps_visible_boxes_and_drops_cut_off_ones():
-    """After A.Mosaic each square still visible (>= 2 px each way) has a box equal to its pixel extent, and no box
-    is left for a square the crop removed."""
+    """Each square that stays >= 2 px each way and keeps >= 10 % of its area has a box equal to its pixel extent;
+    no box is left for a square the crop removed or cut below those limits (YOLOv5's box_candidates)."""
     s = 256
     t = build_train_transform(s, {**ZERO, "mosaic": 1.0})
     rng = np.random.default_rng(0)
-    kept = dropped = clipped = 0
-    for seed in range(12):
+    kept = dropped = clipped = sliver = 0
+    for seed in range(16):
         t.set_random_seed(seed)
         tiles = [_tile(rng, s, 4 * j) for j in range(4)]
-        meta = [{"image": im, "bboxes": b, "cls": c} for im, b, c in tiles[1:]]
-        out = t(image=tiles[0][0], bboxes=tiles[0][1], cls=tiles[0][2], mosaic_metadata=meta)
+        out = t(tiles)
         assert out["image"].shape == (s, s, 3)
         got = {int(c): b for c, b in zip(out["cls"], out["bboxes"])}
         assert len(got) == len(out["cls"])  # no class twice: each tile used once
         for c in range(16):
             ext = _extent((out["image"][..., 1] == 250 - 10 * c) & (out["image"][..., 0] == 200))
-            if ext is not None and ext[2] - ext[0] >= 2 and ext[3] - ext[1] >= 2:
+            w, h = (0, 0) if ext is None else (ext[2] - ext[0], ext[3] - ext[1])
+            if w >= 2 and h >= 2 and w * h >= 0.1 * 40 * 40:
                 assert c in got, f"square {c} visible at {ext} but its box was dropped"
                 np.testing.assert_allclose(got[c], ext, atol=1e-3)
                 kept += 1
-                clipped += int(ext[2] - ext[0] < 40 or ext[3] - ext[1] < 40)
+                clipped += int(w < 40 or h < 40)
             else:
-                assert c not in got, f"box {c} kept though its square is cut off"
+                assert c not in got, f"box {c} kept though only {w} x {h} px of its square are visible"
                 dropped += 1
-    assert kept > 20 and dropped > 5 and clipped > 3  # all three cases really happened
+                sliver += int(w * h > 0)
+    assert kept > 20 and dropped > 5 and clipped > 3 and sliver > 0  # every case really happened
+
+
+def _padding(out: dict) -> float:
+    return 1.0 - float(out["mask"].mean())
+
+
+def test_mosaic_tiles_are_flush_at_the_junction():
+    """Four non-square tiles meet at one point, each at its full size: no padding between them."""
+    s = 200
+    colours = [(10, 200, 30), (200, 10, 30), (30, 10, 200), (200, 200, 30)]
+    shapes = [(150, 200), (200, 120), (100, 200), (200, 160)]  # (h, w), long side s
+    tiles = [(np.full((h, w, 3), c, np.uint8), np.zeros((0, 4), np.float32), np.zeros(0)) for (h, w), c in
+             zip(shapes, colours)]
+    for seed in range(5):
+        canvas, _, _, mask = mosaic_canvas(tiles, s, random.Random(seed), with_mask=True)
+        exts = [_extent((canvas == c).all(-1)) for c in colours]
+        xc, yc = exts[0][2], exts[0][3]  # the top-left tile ends at the junction
+        assert 0.5 * s <= xc <= 1.5 * s and 0.5 * s <= yc <= 1.5 * s
+        np.testing.assert_array_equal(exts[1][[0, 3]], [xc, yc])  # top right starts at xc, ends at yc
+        np.testing.assert_array_equal(exts[2][[1, 2]], [yc, xc])  # bottom left
+        np.testing.assert_array_equal(exts[3][[0, 1]], [xc, yc])  # bottom right
+        for e, (h, w) in zip(exts, shapes):  # each tile whole, or cut only by the canvas edge
+            assert e[2] - e[0] == w or e[0] == 0 or e[2] == 2 * s
+            assert e[3] - e[1] == h or e[1] == 0 or e[3] == 2 * s
+        assert mask.sum() == sum(((canvas == c).all(-1)).sum() for c in colours)
+
+
+def test_mosaic_padding_fraction_of_non_square_images():
+    """4:3 and 3:4 photos: without zoom the s x s cut of the 2s canvas is almost all image (flush tiles; the old
+    albumentations Mosaic padded each tile inside a square cell: ~30 %); YOLOv5's zoom 0.5..1.5 stays under 15 %."""
+    s = 160
+    rng = np.random.default_rng(1)
+    photos = [(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8), np.zeros((0, 4), np.float32), np.zeros(0)),
+              (rng.integers(0, 255, (160, 120, 3), dtype=np.uint8), np.zeros((0, 4), np.float32), np.zeros(0))]
+    for hyp, limit in (({**ZERO, "mosaic": 1.0}, 0.08), ({**load_hyp(None), "translate": 0.0}, 0.15)):
+        t = build_train_transform(s, hyp, with_mask=True)
+        t.set_random_seed(0)
+        pads = [_padding(t([photos[k % 2] for k in range(i, i + 4)])) for i in range(60)]
+        assert np.mean(pads) < limit, (hyp["scale"], np.mean(pads))
+    assert max(pads) > 0  # the zoom-out does reach the canvas edge sometimes: the mask does see padding
+
+
+def test_box_filter_area_and_aspect():
+    """Boxes keeping < 10 % of their area after the crop, or with aspect > 100, are dropped (YOLOv5)."""
+    s = 320
+    t = build_train_transform(s, ZERO)
+    img = np.zeros((s, s, 3), np.uint8)
+    boxes = np.array([[10, 10, 13, 319], [20, 10, 24, 319], [50, 50, 150, 150]], np.float32)  # aspect 103, 77, 1
+    out = t([(img, boxes, np.array([0, 1, 2]))])
+    assert sorted(out["cls"].tolist()) == [1, 2]
+    # in a mosaic: a 100 px square cut by the s x s crop to 5 % / 20 % of its area
+    t = build_train_transform(s, {**ZERO, "mosaic": 1.0})
+    n_kept = 0
+    for seed in range(40):
+        t.set_random_seed(seed)
+        tiles = [(np.zeros((s, s, 3), np.uint8), np.array([[0, 0, 100, 100]], np.float32), np.array([k]))
+                 for k in range(4)]
+        r = random.Random(seed)  # the junction the transform draws after set_random_seed(seed)
+        xc, yc = (int(r.uniform(0.5 * s, 1.5 * s)) for _ in range(2))
+        out = t(tiles)
+        # tile 0's square sits at canvas (xc - s, yc - s) .. +100; the crop starts at s/2
+        vis = (max(0, xc - s + 100 - s // 2) * max(0, yc - s + 100 - s // 2)) / 100 ** 2
+        assert (0 in out["cls"].tolist()) == (vis >= 0.1 and min(xc, yc) - s + 100 - s // 2 >= 2), (seed, vis)
+        n_kept += 0 in out["cls"].tolist()
+    assert 0 < n_kept < 40  # both outcomes happened
 
 
 def test_affine_box_matches_pixels():
-    """Zoom / translate: one square on a black image; its pixel extent after Affine equals the output box."""
+    """Zoom / translate of a whole image: one square on a black image; its pixel extent equals the output box."""
     s = 256
     t = build_train_transform(s, {**ZERO, "translate": 0.1, "scale": 0.5, "degrees": 0.0})
     img = np.zeros((s, s, 3), np.uint8)
     img[100:160, 80:120] = 255
     for seed in range(10):
         t.set_random_seed(seed)
-        out = t(image=img, bboxes=np.array([[80, 100, 120, 160]], np.float32), cls=np.array([0]))
+        out = t([(img, np.array([[80, 100, 120, 160]], np.float32), np.array([0]))])
         ext = _extent(out["image"][..., 0] > 127)
         assert len(out["bboxes"]) == 1
         np.testing.assert_allclose(out["bboxes"][0], ext, atol=1.01)
         w, h = ext[2] - ext[0], ext[3] - ext[1]
         assert 20 - 2 <= w <= 60 + 2 and h / w == pytest.approx(1.5, abs=0.1)  # zoom 0.5..1.5 keeps aspect
+
+
+def test_hsv_gains_are_multiplicative():
+    """Grey stays grey and black stays black (additive shifts would colour them); a coloured pixel's saturation
+    and value move by a factor in [1 - g, 1 + g]."""
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[0] = 128  # grey
+    img[1] = (200, 100, 50)  # orange
+    hsv0 = cv2.cvtColor(img, cv2.COLOR_RGB2HSV).astype(float)
+    t = HSVGain(0.015, 0.7, 0.4, p=1.0)
+    t.set_random_seed(0)
+    seen_s = []
+    for _ in range(30):
+        out = t(image=img)["image"]
+        assert (out[2:] == 0).all()  # black
+        g = out[0].astype(int)
+        assert (np.abs(g - g[:, :1]) <= 1).all()  # grey rows stay grey (r == g == b up to rounding)
+        hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV).astype(float)
+        rs, rv = hsv[1, 0, 1] / hsv0[1, 0, 1], hsv[1, 0, 2] / hsv0[1, 0, 2]
+        assert 0.3 - 0.03 <= rs <= 1.7 + 0.03 and 0.6 - 0.03 <= rv <= 1.4 + 0.03
+        seen_s.append(rs)
+    assert max(seen_s) - min(seen_s) > 0.5  # the gain really varies

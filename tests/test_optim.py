@@ -19,15 +19,31 @@ HYP = load_yaml(ROOT / "cfg" / "hyp" / "scratch.yaml")
 def test_norm_params_and_biases_get_no_decay(cfg: str) -> None:
     model = Model(ROOT / "cfg" / "models" / cfg, nc=2)
     groups = param_groups(model)
-    norm_ids = {id(p) for m in model.modules() if is_norm_layer(m) for p in m.parameters(recurse=False)}
-    assert norm_ids and {id(p) for p in groups["norm"]} == norm_ids
+    norms = [m for m in model.modules() if is_norm_layer(m)]
+    assert norms and {id(p) for p in groups["norm"]} == {id(m.weight) for m in norms}
     assert all(p.ndim == 4 for p in groups["decay"])  # only conv weights decay
-    assert len(groups["bias"]) == 3  # the three Detect conv biases (Conv blocks have no bias before a norm)
+    # every bias: the three Detect conv biases (Conv blocks have none before a norm) and every norm bias
+    assert {id(p) for p in groups["bias"]} == {id(m.bias) for m in norms} | {id(m.bias) for m in model.modules()
+                                                                           if isinstance(m, torch.nn.Conv2d)
+                                                                           and m.bias is not None}
+    assert len(groups["bias"]) == len(norms) + 3
     assert sum(len(g) for g in groups.values()) == len(list(model.parameters()))
     opt = build_optimizer(model, "SGD", lr=0.01, momentum=0.937, weight_decay=5e-4)
     wd = {g["name"]: g["weight_decay"] for g in opt.param_groups}
     assert wd == {"bias": 0.0, "decay": 5e-4, "norm": 0.0}
     assert opt.param_groups[0]["nesterov"] is True
+
+
+@pytest.mark.parametrize("cfg", ["yolo-n-bn.yaml", "yolo-n-gn.yaml"])
+def test_norm_bias_warms_up_from_warmup_bias_lr(cfg: str) -> None:
+    """As in YOLOv5, every bias (norm biases included) starts the warmup at warmup_bias_lr; weights start at 0."""
+    model = Model(ROOT / "cfg" / "models" / cfg, nc=2)
+    opt = build_optimizer(model, "SGD", HYP["lr0"])
+    Schedule(HYP, epochs=100, batches_per_epoch=50, batch_size=16).step(opt, epoch=0, ni=0)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    norm = next(m for m in model.modules() if is_norm_layer(m))
+    assert lr_of[id(norm.bias)] == pytest.approx(HYP["warmup_bias_lr"]) == pytest.approx(0.1)
+    assert lr_of[id(norm.weight)] == 0.0
 
 
 def test_adamw_and_bad_name() -> None:

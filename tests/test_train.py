@@ -236,6 +236,39 @@ def test_nonfinite_steps_are_skipped_then_stop() -> None:
                         amp=False, main=False, nonfinite_limit=3)
 
 
+def test_accumulation_counts_optimizer_steps_across_epochs() -> None:
+    """Two epochs of 3 batches, accumulate 2: steps after global batches 1, 3 and 5 (the final flush). The batch
+    left over at the end of epoch 0 carries into epoch 1 instead of stepping, and epoch 1 does not open with a step
+    on one batch's gradient (the old per-epoch counter made 4 steps here)."""
+    from models.loss import ComputeLoss
+    from models.yolo import Model
+    from utils.engine import train_one_epoch
+    from utils.general import load_yaml
+    from utils.optim import Schedule, build_optimizer
+
+    torch.manual_seed(0)
+    hyp = {**load_yaml(ROOT / "cfg" / "hyp" / "scratch.yaml"), "warmup_epochs": 0.0}
+    model = Model(ROOT / "cfg" / "models" / "yolo-n-bn.yaml", nc=2)
+    batch = (torch.rand(2, 3, 64, 64), torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3]]), ["a", "b"], [{}, {}])
+    opt = build_optimizer(model, "SGD", hyp["lr0"])
+    sched = Schedule(hyp, epochs=2, batches_per_epoch=3, batch_size=32)
+    assert sched.nw == 0 and sched.max_accumulate == 2
+    calls = []
+    real_step = opt.step
+    opt.step = lambda *a, **k: (calls.append(1), real_step(*a, **k))[1]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss = ComputeLoss(model, hyp, 64)
+    accum = {"last_step": -1, "pending": 0}
+    kw = dict(img_size=64, amp=False, main=False, accum=accum)
+    r0 = train_one_epoch(model, [batch] * 3, loss, opt, sched, None, scaler, torch.device("cpu"), 0, 2, flush=False,
+                         **kw)
+    assert r0["steps"] == 1 and accum == {"last_step": 1, "pending": 1}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())  # carried, not lost
+    r1 = train_one_epoch(model, [batch] * 3, loss, opt, sched, None, scaler, torch.device("cpu"), 1, 2, flush=True,
+                         **kw)
+    assert r1["steps"] == 2 and len(calls) == 3 and accum == {"last_step": 5, "pending": 0}
+
+
 def test_set_mosaic_zero_gives_the_whole_image(tmp_path: Path) -> None:
     """After ``set_mosaic(0)`` (the close-mosaic epochs) a train item is the image itself with its own boxes."""
     from data.loader import DetectionDataset, build_loader, load_data_config

@@ -53,15 +53,18 @@ def best_row(rows: list[dict[str, str]]) -> dict[str, float]:
 def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, optimizer: torch.optim.Optimizer,
                     schedule: Schedule, ema: ModelEMA | None, scaler: torch.amp.GradScaler, device: torch.device,
                     epoch: int, epochs: int, *, img_size: int, amp: bool, main: bool, world_size: int = 1,
-                    nonfinite_limit: int = 10) -> dict[str, Any]:
+                    nonfinite_limit: int = 10, accum: dict[str, int] | None = None,
+                    flush: bool = True) -> dict[str, Any]:
     """Train ``model`` for one pass over ``loader``.
 
-    Gradients are accumulated over ``schedule.accumulate`` batches (nominal batch 64) and the optimizer also steps on
-    the last batch, so every epoch starts from zero gradients (a resumed run picks up exactly where it stopped).
-    A batch whose loss is non-finite on any rank is skipped everywhere; ``nonfinite_limit`` in a row raise
+    Gradients are accumulated over ``schedule.accumulate`` batches (nominal batch 64). The count runs across
+    epochs, as in YOLOv5: pass the same ``accum`` dict (``last_step``: global iteration of the last optimizer step,
+    ``pending``: batches accumulated since) to every epoch, and gradients left at an epoch's end carry into the next
+    one instead of making a step of their own. ``flush=True`` (the final epoch) steps on whatever is pending at the
+    end. A batch whose loss is non-finite on any rank is skipped everywhere; ``nonfinite_limit`` in a row raise
     :class:`TrainingDiverged`.
 
-    Returns ``{'loss': [box, obj, cls] means, 'images', 'time_s', 'nonfinite', 'lr': [per group]}``.
+    Returns ``{'loss': [box, obj, cls] means, 'images', 'time_s', 'nonfinite', 'lr': [per group], 'steps'}``.
     """
     model.train()
     nb = len(loader)
@@ -72,8 +75,10 @@ def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, op
     bar = tqdm(loader, total=nb, bar_format=BAR_FORMAT, disable=not main)
     mloss = torch.zeros(3, device=device)
     n_ok = n_images = nonfinite = in_a_row = 0
-    last_step, pending = -1, 0
-    optimizer.zero_grad(set_to_none=True)
+    accum = {"last_step": -1, "pending": 0} if accum is None else accum
+    last_step, pending, steps = int(accum["last_step"]), int(accum["pending"]), 0
+    if not pending:  # otherwise the gradients of the previous epoch's last batches are still to be applied
+        optimizer.zero_grad(set_to_none=True)
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     t0 = time.perf_counter()
     for i, (imgs, targets, _paths, _metas) in enumerate(bar):
@@ -83,7 +88,7 @@ def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, op
         if imgs.dtype == torch.uint8:  # a loader may hand over bytes to save copies; scale here
             imgs = imgs.float().div_(255)
         targets = targets.to(device)
-        step_now = ni - last_step >= schedule.accumulate or i == nb - 1
+        step_now = ni - last_step >= schedule.accumulate or (flush and i == nb - 1)
         with torch.autocast(device_type=device.type, enabled=amp):
             preds = model(imgs)
             loss, items = compute_loss(preds, targets)
@@ -116,6 +121,7 @@ def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, op
                 finite = bool(torch.isfinite(norm))  # identical on every rank (gradients were all-reduced)
                 if finite or amp:  # under AMP the scaler skips the step itself and lowers its scale
                     scaler.step(optimizer)
+                    steps += 1
                 if finite and ema is not None:
                     ema.update(model)
                 scaler.update()
@@ -126,8 +132,9 @@ def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, op
             bar.set_description(bar_description(epoch, epochs, mem, mloss.tolist(), int(targets.shape[0]),
                                                 int(imgs.shape[-1])))
     bar.close()
+    accum.update(last_step=last_step, pending=pending)
     return {"loss": mloss.tolist(), "images": n_images * world_size, "time_s": time.perf_counter() - t0,
-            "nonfinite": nonfinite, "lr": [float(g["lr"]) for g in optimizer.param_groups]}
+            "nonfinite": nonfinite, "lr": [float(g["lr"]) for g in optimizer.param_groups], "steps": steps}
 
 
 def _build_model(opt: argparse.Namespace, nc: int, names: list[str], ckpt: dict | None) -> Model:
@@ -164,7 +171,7 @@ def plain_opt(opt: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()}
 
 
-OPTIONAL_HYP = {"close_mosaic": 0.0}  # keys a hyp file may leave out, with their defaults
+OPTIONAL_HYP = {"close_mosaic": 0.0, "perspective": 0.0}  # keys a hyp file may leave out, with defaults
 
 
 def load_hyp(path: str | Path) -> dict[str, Any]:
@@ -253,7 +260,11 @@ def fit(opt: argparse.Namespace) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     best_fitness, best_epoch = 0.0, -1
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # parameter groups changed between versions (e.g. norm biases moved groups)
+            raise ConfigError(f"--resume {opt.resume}: its optimizer state does not fit this version's parameter "
+                              f"groups ({e}); start a new run with --weights {opt.resume} instead") from None
         ema.ema.load_state_dict(ckpt["ema"])
         ema.updates = int(ckpt["updates"])
         if ckpt.get("scaler") and amp:
@@ -271,6 +282,9 @@ def fit(opt: argparse.Namespace) -> dict[str, Any]:
         LOGGER.info(f"{params:,} parameters; {len(train_set)} train images, batch {opt.batch_size} "
                     f"(accumulate {schedule.max_accumulate} to nominal {nbs}), {opt.img} px, {device}, {opt.epochs} epochs "
                     f"-> {save_dir}")
+    # optimizer steps are counted across epochs; a resume restarts the count at its epoch (the gradients pending
+    # at the checkpoint, at most accumulate - 1 batches, are not saved)
+    accum = {"last_step": start_epoch * len(train_loader) - 1, "pending": 0}
     images = 0
     train_time = 0.0
     last_metrics: dict[str, float] = {}
@@ -287,7 +301,8 @@ def fit(opt: argparse.Namespace) -> dict[str, Any]:
                                             rank=env.rank, world_size=env.world_size, shuffle=True)
             res = train_one_epoch(model, train_loader, compute_loss, optimizer, schedule, ema, scaler, device,
                                   epoch, opt.epochs, img_size=opt.img, amp=amp, main=main,
-                                  world_size=env.world_size, nonfinite_limit=opt.nonfinite_limit)
+                                  world_size=env.world_size, nonfinite_limit=opt.nonfinite_limit, accum=accum,
+                                  flush=epoch == opt.epochs - 1)
             images += res["images"]
             train_time += res["time_s"]
             final = epoch == opt.epochs - 1

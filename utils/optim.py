@@ -16,11 +16,12 @@ OPTIMIZERS = ("SGD", "AdamW")
 
 
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Split parameters into ``decay`` (conv / linear weights), ``norm`` (every norm layer's weight and bias) and
-    ``bias`` (all other biases and 0-/1-d parameters). Only ``decay`` gets weight decay.
+    """Split parameters into ``decay`` (conv / linear weights), ``norm`` (norm-layer weights) and ``bias`` (every
+    bias, norm-layer biases included, and other 0-/1-d parameters). Only ``decay`` gets weight decay.
 
     Norm layers are recognised with ``models.norm.is_norm_layer`` rather than class names, so BN, SyncBN, GN,
-    LN and IN all land in the no-decay group (decaying GN's affine weights is what broke YOLOv5 + GN).
+    LN and IN all land in the no-decay groups (decaying GN's affine weights is what broke YOLOv5 + GN). Norm biases
+    join the ``bias`` group, as in YOLOv5: they warm up from ``warmup_bias_lr`` like every other bias.
     """
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "norm": [], "bias": []}
     seen: set[int] = set()
@@ -30,9 +31,11 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            if norm:
+            if name == "bias":
+                groups["bias"].append(p)
+            elif norm:
                 groups["norm"].append(p)
-            elif name == "bias" or p.ndim <= 1:
+            elif p.ndim <= 1:
                 groups["bias"].append(p)
             else:
                 groups["decay"].append(p)

@@ -183,6 +183,29 @@ def mosaic_canvas(tiles: list[Tile], s: int, rng: random.Random, fill: int = PAD
     return canvas, boxes[keep], cls[keep], mask
 
 
+class AffineCrop(A.Affine):
+    """``A.Affine`` of a large canvas whose output is only its central ``size x size`` window.
+
+    The same random affine (about the canvas centre) followed by a centre crop, in one warp: the crop's offset is
+    folded into albumentations' matrices, so only the ``size x size`` output pixels are computed (a separate
+    ``A.CenterCrop`` would warp the whole 2s x 2s canvas first, 4x the pixels). Boxes go through albumentations'
+    own box warp and filter.
+    """
+
+    def __init__(self, size: int, **affine_kwargs: Any) -> None:
+        super().__init__(**affine_kwargs)
+        self.size = int(size)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        out = super().get_params_dependent_on_data(params, data)
+        h, w = params["shape"][:2]
+        shift = np.array([[1.0, 0.0, -(w - self.size) / 2], [0.0, 1.0, -(h - self.size) / 2], [0.0, 0.0, 1.0]])
+        out["matrix"] = shift @ out["matrix"]
+        out["bbox_matrix"] = shift @ out["bbox_matrix"]
+        out["output_shape"] = (self.size, self.size)
+        return out
+
+
 class TrainTransform:
     """The training geometry of YOLOv5: mosaic on a 2s canvas, one random affine of the whole canvas, the s x s cut.
 
@@ -191,10 +214,10 @@ class TrainTransform:
     (plus ``'mask'`` (s, s) uint8, 1 = image pixel, with ``with_mask=True``; for statistics).
 
     albumentations does the per-pixel work: ``Affine`` (zoom, rotation, shear and translation about the canvas
-    centre, as YOLOv5's ``random_perspective``), ``Perspective`` when the hyp asks for it, ``CenterCrop`` (the s x s
-    cut of a 2s mosaic canvas: a zoom-out shows more canvas, i.e. more image, not padding), flips, and the box
-    filter: a box survives when it is >= 2 px each way, keeps >= 10 % of its area through each geometric step and
-    its aspect ratio is <= 100 (YOLOv5's ``box_candidates``).
+    centre, as YOLOv5's ``random_perspective``) with the s x s centre cut of a 2s mosaic canvas folded in
+    (:class:`AffineCrop`: a zoom-out shows more canvas, i.e. more image, not padding), ``Perspective`` when the hyp
+    asks for it, flips, and the box filter: a box survives when it is >= 2 px each way, keeps >= 10 % of its area
+    through each geometric step and its aspect ratio is <= 100 (YOLOv5's ``box_candidates``).
     """
 
     def __init__(self, img_size: int, hyp: dict[str, float], pad_value: int = PAD_VALUE,
@@ -211,11 +234,11 @@ class TrainTransform:
         if hyp.get("perspective", 0.0) > 0:  # corner jitter as a fraction of the output size (default 0: off)
             geo.append(A.Perspective(scale=(0.0, hyp["perspective"] * s), keep_size=True, fit_output=False,
                                      border_mode=cv2.BORDER_CONSTANT, fill=fill, fill_mask=0, p=1.0))
-        geo.append(A.Affine(scale=(1 - hyp["scale"], 1 + hyp["scale"]), translate_percent=(-t, t),
-                            rotate=(-hyp["degrees"], hyp["degrees"]), shear=(-hyp["shear"], hyp["shear"]),
-                            keep_ratio=True, border_mode=cv2.BORDER_CONSTANT, fill=fill, fill_mask=0, p=1.0))
-        if crop:
-            geo.append(A.CenterCrop(height=s, width=s, p=1.0))
+        affine = dict(scale=(1 - hyp["scale"], 1 + hyp["scale"]), translate_percent=(-t, t),
+                      rotate=(-hyp["degrees"], hyp["degrees"]), shear=(-hyp["shear"], hyp["shear"]), keep_ratio=True,
+                      border_mode=cv2.BORDER_CONSTANT, fill=fill, fill_mask=0, p=1.0)
+        # the mosaic's s x s cut of the 2s canvas is folded into the affine warp (AffineCrop)
+        geo.append(AffineCrop(s, **affine) if crop else A.Affine(**affine))
         pix: list[A.BasicTransform] = []
         if any(hyp[k] for k in ("hsv_h", "hsv_s", "hsv_v")):
             pix.append(HSVGain(hyp["hsv_h"], hyp["hsv_s"], hyp["hsv_v"], p=1.0))

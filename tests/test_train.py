@@ -73,8 +73,10 @@ def test_tiny_run_writes_everything(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert np.isfinite(res[k]) and res[k] >= 0, k
     assert res["epochs"] == 3 and res["params"] > 1e6 and res["train_images_per_s"] > 0
     assert _epochs(run / "results.csv") == [0, 1, 2]
-    for f in ("results.png", "hyp.yaml", "opt.yaml", "weights/last.pt", "weights/best.pt"):
+    for f in ("results.png", "hyp.yaml", "opt.yaml", "weights/last.pt", "weights/best.pt", "train_batch0.jpg"):
         assert (run / f).is_file(), f
+    batch0 = cv2.imread(str(run / "train_batch0.jpg"))
+    assert batch0.shape == (2 * 64, 2 * 64, 3) and batch0.std() > 10  # 4 images of 64 px in a 2 x 2 grid
     assert yaml.safe_load((run / "opt.yaml").read_text())["img"] == 64
     assert yaml.safe_load((run / "hyp.yaml").read_text())["close_mosaic"] == 1  # the flag overrides the hyp file
     last, best = load_checkpoint(run / "weights" / "last.pt"), load_checkpoint(run / "weights" / "best.pt")

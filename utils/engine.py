@@ -22,6 +22,7 @@ from utils.ema import ModelEMA, de_parallel
 from utils.general import LOGGER, ROOT, ConfigError, init_seeds, load_yaml, select_device
 from utils.logger import BAR_FORMAT, ResultsLog, bar_description, bar_header, plot_results
 from utils.optim import NOMINAL_BATCH, OPTIMIZERS, Schedule, build_optimizer, scaled_weight_decay
+from utils.plots import plot_batch, targets_per_image
 
 GRAD_CLIP = 10.0  # max gradient norm (as YOLOv5); also the place where non-finite gradients are caught
 
@@ -54,7 +55,8 @@ def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, op
                     schedule: Schedule, ema: ModelEMA | None, scaler: torch.amp.GradScaler, device: torch.device,
                     epoch: int, epochs: int, *, img_size: int, amp: bool, main: bool, world_size: int = 1,
                     nonfinite_limit: int = 10, accum: dict[str, int] | None = None,
-                    flush: bool = True) -> dict[str, Any]:
+                    flush: bool = True, plot_path: Path | None = None, names: list[str] | None = None
+                    ) -> dict[str, Any]:
     """Train ``model`` for one pass over ``loader``.
 
     Gradients are accumulated over ``schedule.accumulate`` batches (nominal batch 64). The count runs across
@@ -62,7 +64,7 @@ def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, op
     ``pending``: batches accumulated since) to every epoch, and gradients left at an epoch's end carry into the next
     one instead of making a step of their own. ``flush=True`` (the final epoch) steps on whatever is pending at the
     end. A batch whose loss is non-finite on any rank is skipped everywhere; ``nonfinite_limit`` in a row raise
-    :class:`TrainingDiverged`.
+    :class:`TrainingDiverged`. ``plot_path``: save the first batch with its labels there (what augmentation made).
 
     Returns ``{'loss': [box, obj, cls] means, 'images', 'time_s', 'nonfinite', 'lr': [per group], 'steps'}``.
     """
@@ -88,6 +90,9 @@ def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, op
         if imgs.dtype == torch.uint8:  # a loader may hand over bytes to save copies; scale here
             imgs = imgs.float().div_(255)
         targets = targets.to(device)
+        if plot_path is not None and i == 0:
+            plot_batch(imgs, targets_per_image(targets, len(imgs), imgs.shape[2], imgs.shape[3]),
+                       names or [], plot_path, _paths)
         step_now = ni - last_step >= schedule.accumulate or (flush and i == nb - 1)
         with torch.autocast(device_type=device.type, enabled=amp):
             preds = model(imgs)
@@ -302,7 +307,8 @@ def fit(opt: argparse.Namespace) -> dict[str, Any]:
             res = train_one_epoch(model, train_loader, compute_loss, optimizer, schedule, ema, scaler, device,
                                   epoch, opt.epochs, img_size=opt.img, amp=amp, main=main,
                                   world_size=env.world_size, nonfinite_limit=opt.nonfinite_limit, accum=accum,
-                                  flush=epoch == opt.epochs - 1)
+                                  flush=epoch == opt.epochs - 1, names=names,
+                                  plot_path=save_dir / "train_batch0.jpg" if main and epoch == 0 else None)
             images += res["images"]
             train_time += res["time_s"]
             final = epoch == opt.epochs - 1

@@ -231,8 +231,10 @@ class TrainTransform:
         hyp, s, fill = self.hyp, self.s, (self.fill,) * 3
         t = hyp["translate"] * s / canvas  # translation is a fraction of the output size, as in YOLOv5
         geo: list[A.BasicTransform] = []
-        if hyp.get("perspective", 0.0) > 0:  # corner jitter as a fraction of the output size (default 0: off)
-            geo.append(A.Perspective(scale=(0.0, hyp["perspective"] * s), keep_size=True, fit_output=False,
+        if hyp.get("perspective", 0.0) > 0:  # default 0: off. YOLOv5's projective term p moves a corner by
+            # about p * s / 2 of the output size; A.Perspective's scale is a fraction of the input (canvas) size
+            geo.append(A.Perspective(scale=(0.0, hyp["perspective"] * s / 2 * s / canvas), keep_size=True,
+                                     fit_output=False,
                                      border_mode=cv2.BORDER_CONSTANT, fill=fill, fill_mask=0, p=1.0))
         affine = dict(scale=(1 - hyp["scale"], 1 + hyp["scale"]), translate_percent=(-t, t),
                       rotate=(-hyp["degrees"], hyp["degrees"]), shear=(-hyp["shear"], hyp["shear"]), keep_ratio=True,

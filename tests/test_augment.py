@@ -223,3 +223,17 @@ def test_hsv_gains_are_multiplicative():
         assert 0.3 - 0.03 <= rs <= 1.7 + 0.03 and 0.6 - 0.03 <= rv <= 1.4 + 0.03
         seen_s.append(rs)
     assert max(seen_s) - min(seen_s) > 0.5  # the gain really varies
+
+
+def test_perspective_keeps_boxes_inside_and_follows_pixels():
+    """hyp perspective > 0 (off by default) adds A.Perspective; boxes stay inside and enclose their square."""
+    s = 256
+    t = build_train_transform(s, {**ZERO, "perspective": 0.0005})
+    img = np.zeros((s, s, 3), np.uint8)
+    img[100:160, 80:120] = 255
+    for seed in range(5):
+        t.set_random_seed(seed)
+        out = t([(img, np.array([[80, 100, 120, 160]], np.float32), np.array([0]))])
+        ext = _extent(out["image"][..., 0] > 127)
+        assert len(out["bboxes"]) == 1 and (out["bboxes"] >= 0).all() and (out["bboxes"] <= s).all()
+        np.testing.assert_allclose(out["bboxes"][0], ext, atol=3)

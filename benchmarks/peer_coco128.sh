@@ -2,21 +2,25 @@
 # Side by side on coco128 (train = val), n model from scratch, 320 px, batch 16, 100 epochs: NormYOLO and YOLOv5,
 # both scored by this project's pycocotools glue on coco128's official instances JSON. Results: benchmarks/peer_coco128.md.
 #
-#   bash benchmarks/peer_coco128.sh --yolov5 DIR --python PY [--seeds "0 1"] [--out DIR] [--coco128 DIR] [--only normyolo|yolov5]
+#   bash benchmarks/peer_coco128.sh --yolov5 DIR --python PY [--seeds "0 1"] [--epochs 100] [--out DIR]
+#                                   [--coco128 DIR] [--only normyolo|yolov5]
 #
 # DIR is a YOLOv5 checkout (ultralytics/yolov5) and PY the interpreter of a virtual environment that has its
 # requirements: YOLOv5 is AGPL and never a dependency of this project, so this script installs nothing and contains
-# none of its code; it only calls its train.py and val.py. Nothing downloads (YOLOv5 starts from --weights '';
-# offline, copy a local TTF to ~/.config/Ultralytics/Arial.ttf if it asks for its font).
+# none of its code; it only calls its train.py and val.py. Nothing downloads: YOLOv5 starts from --weights '', its
+# online checks and pip auto-installs are switched off by environment variables, and a local TTF (matplotlib's
+# DejaVuSans) stands in for the Arial.ttf it would fetch. Run one training at a time on a small machine: concurrent
+# torch processes spin-wait each other (4-6x slower on 2 cores), and YOLOv5's NMS has a wall-clock time limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-YOLOV5="" PY="" SEEDS="0 1" OUT="$REPO/runs/peer_coco128" COCO128="$REPO/../shared/coco128" ONLY=""
+YOLOV5="" PY="" SEEDS="0 1" EPOCHS=100 OUT="$REPO/runs/peer_coco128" COCO128="$REPO/../shared/coco128" ONLY=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --yolov5) YOLOV5=$(realpath "$2"); shift 2 ;;
     --python) PY="$2"; shift 2 ;;
     --seeds) SEEDS="$2"; shift 2 ;;
+    --epochs) EPOCHS="$2"; shift 2 ;;
     --out) OUT=$(realpath -m "$2"); shift 2 ;;
     --coco128) COCO128=$(realpath "$2"); shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
@@ -30,7 +34,7 @@ mkdir -p "$OUT"
 if [[ "$ONLY" != "yolov5" ]]; then
   for S in $SEEDS; do  # NormYOLO: the command from the issue, one seed at a time
     /usr/bin/time -f "normyolo seed $S: %e s wall" python train.py --data cfg/data/coco128.yaml --hyp cfg/hyp/scratch.yaml \
-      --img 320 --batch-size 16 --epochs 100 --seed "$S" --project "$OUT" --name "normyolo_s$S" --exist-ok \
+      --img 320 --batch-size 16 --epochs "$EPOCHS" --seed "$S" --project "$OUT" --name "normyolo_s$S" --exist-ok \
       > "$OUT/normyolo_s$S.log" 2>&1
     tail -n 1 "$OUT/normyolo_s$S.log"
   done
@@ -38,6 +42,11 @@ fi
 
 if [[ "$ONLY" != "normyolo" ]]; then
   [[ -f "$YOLOV5/train.py" && -x "$PY" ]] || { echo "error: --yolov5 DIR (a YOLOv5 checkout) and --python PY (its venv) are needed" >&2; exit 2; }
+  mkdir -p "$OUT/config"
+  export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=false YOLOv5_AUTOINSTALL=false YOLOV5_CONFIG_DIR="$OUT/config" \
+    YOLO_CONFIG_DIR="$OUT/config"
+  FONT=$("$PY" -c "import matplotlib, pathlib; print(pathlib.Path(matplotlib.__file__).parent / 'mpl-data/fonts/ttf/DejaVuSans.ttf')")
+  [[ -f "$OUT/config/Arial.ttf" ]] || cp "$FONT" "$OUT/config/Arial.ttf"
   # YOLOv5 wants images/ and labels/ side by side and a data YAML of its own: a copy, never the shared folder
   DATA="$OUT/coco128"
   [[ -d "$DATA" ]] || cp -r "$COCO128" "$DATA"
@@ -48,7 +57,7 @@ yaml.safe_dump({"path": sys.argv[1], "train": "images/train2017", "val": "images
                 "names": dict(enumerate(names))}, open(sys.argv[2], "w"), sort_keys=False)
 EOF
   for S in $SEEDS; do
-    (cd "$YOLOV5" && /usr/bin/time -f "yolov5 seed $S: %e s wall" "$PY" train.py --img 320 --batch-size 16 --epochs 100 \
+    (cd "$YOLOV5" && /usr/bin/time -f "yolov5 seed $S: %e s wall" "$PY" train.py --img 320 --batch-size 16 --epochs "$EPOCHS" \
       --data "$OUT/coco128_yolov5.yaml" --cfg models/yolov5n.yaml --weights '' --hyp data/hyps/hyp.scratch-low.yaml \
       --noplots --seed "$S" --project "$OUT" --name "yolov5_s$S" --exist-ok) > "$OUT/yolov5_s$S.log" 2>&1
     tail -n 1 "$OUT/yolov5_s$S.log"
@@ -56,8 +65,12 @@ EOF
       (cd "$YOLOV5" && "$PY" val.py --weights "$OUT/yolov5_s$S/weights/$W.pt" --data "$OUT/coco128_yolov5.yaml" \
         --img 320 --batch-size 32 --task val --save-json --project "$OUT" --name "yolov5_s${S}_val_$W" --exist-ok) \
         > "$OUT/yolov5_s${S}_val_$W.log" 2>&1 || true  # its own pycocotools step fails (no instances_val2017.json)
-      python benchmarks/score_coco_json.py --gt "$GT" --contiguous-classes \
-        --pred "$OUT/yolov5_s${S}_val_$W/${W}_predictions.json" | tail -n 1
+      PRED="$OUT/yolov5_s${S}_val_$W/${W}_predictions.json"  # val.py writes none when nothing is detected
+      if [[ -f "$PRED" ]]; then
+        python benchmarks/score_coco_json.py --gt "$GT" --contiguous-classes --pred "$PRED" | tail -n 1
+      else
+        echo "yolov5 seed $S $W.pt: no detections (no predictions JSON): mAP50-95 0, mAP50 0"
+      fi
     done
   done
 fi

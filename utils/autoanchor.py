@@ -2,7 +2,7 @@
 
 Best possible recall (BPR) is the fraction of training boxes that at least one anchor could be assigned to under
 the loss' shape-ratio rule (``max(w/a_w, a_w/w, h/a_h, a_h/h) < anchor_t``). Below 0.98 we k-means the label sizes
-into ``nl * na`` anchors, refine them with a short mutation search, and keep them only if BPR improves.
+into ``nl * na`` anchors, refine them with a mutation search, and keep them only if BPR improves.
 """
 from __future__ import annotations
 
@@ -51,27 +51,39 @@ def _fitness(anchors: np.ndarray, wh: np.ndarray, thr: float) -> float:
     return float((best * (best > 1 / thr)).mean())
 
 
-def kmean_anchors(wh: np.ndarray, n: int = 9, thr: float = 4.0, gen: int = 300, seed: int = 0) -> np.ndarray:
-    """Fit ``n`` anchors (n, 2) in pixels, sorted by area: k-means on whitened sizes, then mutation search."""
+def kmean_anchors(wh: np.ndarray, n: int = 9, thr: float = 4.0, gen: int = 1000, seed: int = 0,
+                  restarts: int = 10) -> np.ndarray:
+    """Fit ``n`` anchors (n, 2) in pixels, sorted by area: k-means on whitened sizes, then mutation search.
+
+    As YOLOv5: boxes with both sides under 2 px are left out and a 1000-generation evolution maximises the fitness
+    (mean best shape ratio over matchable boxes). It starts from the best of ``restarts`` k-means runs on log sizes,
+    by that fitness. Whitened linear-size k-means + 300 generations left 18 % of coco128's boxes under 8 px
+    unmatchable at 320 px (BPR 0.972, vs 0.993 for YOLOv5's anchors).
+    """
     rng = np.random.default_rng(seed)
-    wh = wh[(wh >= 2.0).all(1)]  # boxes under 2 px cannot be learned anyway and distort the clusters
+    wh = wh[(wh >= 2.0).any(1)]  # boxes under 2 px both ways cannot be learned and distort the clusters
     if len(wh) > 30000:  # cost is linear in n; a sample keeps the search short
         wh = wh[rng.choice(len(wh), 30000, replace=False)]
-    s = wh.std(0) + 1e-9
-    x = wh / s
-    # k-means++ initialisation then Lloyd iterations (a dozen lines; no scipy needed)
-    centres = [x[rng.integers(len(x))]]
-    for _ in range(1, n):
-        d = np.min(((x[:, None] - np.asarray(centres)[None]) ** 2).sum(2), 1)
-        centres.append(x[rng.choice(len(x), p=d / d.sum())] if d.sum() > 0 else x[rng.integers(len(x))])
-    c = np.asarray(centres)
-    for _ in range(50):
-        assign = ((x[:, None] - c[None]) ** 2).sum(2).argmin(1)
-        new = np.stack([x[assign == i].mean(0) if (assign == i).any() else c[i] for i in range(n)])
-        if np.allclose(new, c):
-            break
-        c = new
-    k = c * s
+    # k-means in log space: box sizes are roughly log-normal, and a linear-space k-means spends its clusters on the
+    # long tail of large boxes (its smallest anchor was ~11 px on coco128 at 320 px, above a fifth of its boxes)
+    x = np.log(wh)
+    best_c, best_f = None, -1.0
+    for _ in range(max(1, restarts)):  # k-means++ starts, Lloyd iterations; keep the best fitness
+        centres = [x[rng.integers(len(x))]]
+        for _ in range(1, n):
+            d = np.min(((x[:, None] - np.asarray(centres)[None]) ** 2).sum(2), 1)
+            centres.append(x[rng.choice(len(x), p=d / d.sum())] if d.sum() > 0 else x[rng.integers(len(x))])
+        c = np.asarray(centres)
+        for _ in range(50):
+            assign = ((x[:, None] - c[None]) ** 2).sum(2).argmin(1)
+            new = np.stack([x[assign == i].mean(0) if (assign == i).any() else c[i] for i in range(n)])
+            if np.allclose(new, c):
+                break
+            c = new
+        fit = _fitness(np.exp(c), wh, thr)
+        if fit > best_f:
+            best_c, best_f = c, fit
+    k = np.exp(best_c)
     # evolution: multiplicative mutations of the anchor sizes, keep a child only when it fits better
     f = _fitness(k, wh, thr)
     for _ in range(gen):

@@ -187,16 +187,20 @@ def test_box_filter_area_and_aspect():
     assert 0 < n_kept < 40  # both outcomes happened
 
 
-def test_affine_box_matches_pixels():
-    """Zoom / translate of a whole image: one square on a black image; its pixel extent equals the output box."""
-    s = 256
-    t = build_train_transform(s, {**ZERO, "translate": 0.1, "scale": 0.5, "degrees": 0.0})
+def _square_runs(hyp: dict, seeds: int, s: int = 256):
+    """Yield (output dict, pixel extent) of one 40 x 60 white square on a black s x s image, per seed."""
+    t = build_train_transform(s, hyp)
     img = np.zeros((s, s, 3), np.uint8)
     img[100:160, 80:120] = 255
-    for seed in range(10):
+    for seed in range(seeds):
         t.set_random_seed(seed)
         out = t([(img, np.array([[80, 100, 120, 160]], np.float32), np.array([0]))])
-        ext = _extent(out["image"][..., 0] > 127)
+        yield out, _extent(out["image"][..., 0] > 127)
+
+
+def test_affine_box_matches_pixels():
+    """Zoom / translate of a whole image: one square on a black image; its pixel extent equals the output box."""
+    for out, ext in _square_runs({**ZERO, "translate": 0.1, "scale": 0.5, "degrees": 0.0}, 10):
         assert len(out["bboxes"]) == 1
         np.testing.assert_allclose(out["bboxes"][0], ext, atol=1.01)
         w, h = ext[2] - ext[0], ext[3] - ext[1]
@@ -227,13 +231,6 @@ def test_hsv_gains_are_multiplicative():
 
 def test_perspective_keeps_boxes_inside_and_follows_pixels():
     """hyp perspective > 0 (off by default) adds A.Perspective; boxes stay inside and enclose their square."""
-    s = 256
-    t = build_train_transform(s, {**ZERO, "perspective": 0.0005})
-    img = np.zeros((s, s, 3), np.uint8)
-    img[100:160, 80:120] = 255
-    for seed in range(5):
-        t.set_random_seed(seed)
-        out = t([(img, np.array([[80, 100, 120, 160]], np.float32), np.array([0]))])
-        ext = _extent(out["image"][..., 0] > 127)
-        assert len(out["bboxes"]) == 1 and (out["bboxes"] >= 0).all() and (out["bboxes"] <= s).all()
+    for out, ext in _square_runs({**ZERO, "perspective": 0.0005}, 5):
+        assert len(out["bboxes"]) == 1 and (out["bboxes"] >= 0).all() and (out["bboxes"] <= 256).all()
         np.testing.assert_allclose(out["bboxes"][0], ext, atol=3)

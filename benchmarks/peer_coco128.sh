@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Side by side on coco128 (train = val), n model from scratch, 320 px, batch 16, 100 epochs: NormYOLO and YOLOv5,
-# both scored by this project's pycocotools glue on coco128's official instances JSON. Results: benchmarks/peer_coco128.md.
+# both scored by this project's pycocotools glue on coco128's official instances JSON. Results: benchmarks/peer_coco128.md;
+# `python benchmarks/peer_summary.py --out DIR` prints the tables from the output folder.
 #
 #   bash benchmarks/peer_coco128.sh --yolov5 DIR --python PY [--seeds "0 1"] [--epochs 100] [--out DIR]
 #                                   [--coco128 DIR] [--only normyolo|yolov5]
@@ -37,6 +38,10 @@ if [[ "$ONLY" != "yolov5" ]]; then
       --img 320 --batch-size 16 --epochs "$EPOCHS" --seed "$S" --project "$OUT" --name "normyolo_s$S" --exist-ok \
       > "$OUT/normyolo_s$S.log" 2>&1
     tail -n 1 "$OUT/normyolo_s$S.log"
+    # the final weights scored against the official instances JSON (crowd regions included), as YOLOv5's below
+    python val.py --data cfg/data/coco128-json.yaml --weights "$OUT/normyolo_s$S/weights/last.pt" --img 320 \
+      --project "$OUT" --name "normyolo_s${S}_val_last" --exist-ok > "$OUT/normyolo_s${S}_val_last.log" 2>&1
+    cp "$OUT/normyolo_s${S}_val_last/metrics.json" "$OUT/normyolo_s${S}_last_pycocotools.json"
   done
 fi
 
@@ -67,9 +72,11 @@ EOF
         > "$OUT/yolov5_s${S}_val_$W.log" 2>&1 || true  # its own pycocotools step fails (no instances_val2017.json)
       PRED="$OUT/yolov5_s${S}_val_$W/${W}_predictions.json"  # val.py writes none when nothing is detected
       if [[ -f "$PRED" ]]; then
-        python benchmarks/score_coco_json.py --gt "$GT" --contiguous-classes --pred "$PRED" | tail -n 1
+        python benchmarks/score_coco_json.py --gt "$GT" --contiguous-classes --pred "$PRED" \
+          --save "$OUT/yolov5_s${S}_${W}_pycocotools.json" | tail -n 1
       else
         echo "yolov5 seed $S $W.pt: no detections (no predictions JSON): mAP50-95 0, mAP50 0"
+        echo '{"mAP50": 0.0, "mAP50_95": 0.0, "detections": 0}' > "$OUT/yolov5_s${S}_${W}_pycocotools.json"
       fi
     done
   done

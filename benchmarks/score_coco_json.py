@@ -40,11 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pred", required=True, help="COCO results JSON (list of detections)")
     ap.add_argument("--contiguous-classes", action="store_true",
                     help="category_id holds a contiguous class index (YOLOv5 on non-COCO-named data)")
+    ap.add_argument("--save", default="", help="also write mAP50, mAP50_95 and the detection count to this JSON file")
     opt = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     r = score(opt.gt, opt.pred, opt.contiguous_classes)
     print(r["summary"])
     print(f"{Path(opt.pred).name}: {r['detections']} detections, mAP50-95 {r['mAP50_95']:.4f}, mAP50 {r['mAP50']:.4f}")
+    if opt.save:
+        keep = {k: r[k] for k in ("mAP50", "mAP50_95", "detections")}
+        Path(opt.save).write_text(json.dumps(keep, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import torch
 
-from utils.boxes import non_max_suppression, xyxy_to_xywhn
+from utils.boxes import label_lines, non_max_suppression
 from utils.general import LOGGER, ConfigError, increment_path, run_cli, select_device, setup_logging
 
 ROOT = Path(__file__).resolve().parent
@@ -92,7 +92,7 @@ def main(opt: argparse.Namespace) -> dict[str, Any]:
     from data.augment import scale_boxes_to_original
     from data.sources import MediaSource
     from utils.plots import box_label, color, default_line_width
-    from val import load_model
+    from engine.checkpoint import load_model
 
     setup_logging()
     for flag, v in (("--conf-thres", opt.conf_thres), ("--iou-thres", opt.iou_thres)):
@@ -130,10 +130,7 @@ def main(opt: argparse.Namespace) -> dict[str, Any]:
                         f"{_counts(det, names)}, {ms:.1f}ms")
             h0, w0 = frame.image.shape[:2]
             if opt.save_txt:
-                xywhn = xyxy_to_xywhn(det[:, :4], w0, h0).tolist()
-                lines = [f"{int(c)} " + " ".join(f"{v:.6f}" for v in b) + (f" {s:.5f}" if opt.save_conf else "")
-                         for b, s, c in zip(xywhn, det[:, 4].tolist(), det[:, 5].tolist())]
-                (save_dir / "labels" / f"{stem}.txt").write_text("".join(ln + "\n" for ln in lines))
+                (save_dir / "labels" / f"{stem}.txt").write_text(label_lines(det, (h0, w0), conf=opt.save_conf))
             if opt.save_json:
                 records += [{"file": frame.path, "frame": frame.index, "class": int(c), "name": names[int(c)],
                              "score": round(float(s), 5), "bbox_xyxy": [round(v, 2) for v in b]}

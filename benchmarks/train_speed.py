@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py                       # 320 px, batch 16, mosaic on, ../shared/coco128
     python benchmarks/train_speed.py --norms bn gn:C/16 ln --epochs 3 --data cfg/data/synthetic.yaml
 
-Runs ``utils.engine.train_one_epoch`` (the same code as train.py: AMP on CUDA, nominal-batch accumulation, EMA,
+Runs ``engine.loop.train_one_epoch`` (the same code as train.py: AMP on CUDA, nominal-batch accumulation, EMA,
 loaded batches with mosaic) for ``--epochs`` timed passes after one untimed warm-up pass, and prints a table plus
 the GN/BN time ratio. coco128 is used when ``../shared/coco128`` exists, else the built-in synthetic data.
 """
@@ -62,9 +62,9 @@ def measure(norm: str, opt: argparse.Namespace, data_cfg: dict, hyp: dict, devic
     from data.loader import create_dataloader
     from models.loss import ComputeLoss
     from models.yolo import Model
-    from utils.ema import ModelEMA
-    from utils.engine import train_one_epoch
-    from utils.optim import Schedule, build_optimizer, scaled_weight_decay
+    from engine.ema import ModelEMA
+    from engine.loop import train_one_epoch
+    from engine.optim import Schedule, build_optimizer, scaled_weight_decay
 
     torch.manual_seed(0)
     loader, _ = create_dataloader(data_cfg, "train", opt.img, opt.batch_size, augment=True, hyp=hyp,
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from train import default_workers, set_cpu_threads  # the same thread / worker layout as training
+    from engine.config import default_workers  # the same thread / worker layout as training
+    from engine.fit import set_cpu_threads
 
     if opt.workers < 0:
         opt.workers = default_workers()

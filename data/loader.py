@@ -144,10 +144,8 @@ class DetectionDataset(Dataset):
         self.transform = build_train_transform(img_size, self.hyp) if augment else None
         self._warned: set[str] = set()
         self._imgs: list[np.ndarray | None] = [None] * len(self.records)
-        if cache not in (False, None, True, "ram", "disk"):
-            raise ConfigError(f"--cache {cache!r}: expected 'ram' (or nothing)")
-        if cache == "disk":  # no .npy disk cache (yet): decoded images are small enough for RAM at these sizes
-            LOGGER.warning("WARNING: --cache disk is not implemented; caching decoded images in RAM instead")
+        if cache not in (False, None, True, "ram"):  # no disk cache: refused, never silently RAM
+            raise ConfigError(f"--cache {cache!r}: expected 'ram' (or nothing); a disk cache is not implemented")
         if cache:
             self._cache_images()
         self.reseed(seed)

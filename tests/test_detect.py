@@ -12,7 +12,7 @@ import torch
 import detect
 from data.sources import MediaSource, resolve_source
 from models.yolo import Model
-from utils.checkpoint import model_state, save_checkpoint
+from engine.checkpoint import model_state, save_checkpoint
 from utils.general import ConfigError
 from utils.plots import box_label
 from logcapture import call_logged

@@ -59,7 +59,7 @@ def _epochs(csv_path: Path) -> list[int]:
 
 def test_tiny_run_writes_everything(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import train
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+    from engine.checkpoint import load_checkpoint, model_from_checkpoint
 
     from tests.logcapture import call_logged
 
@@ -142,7 +142,7 @@ def _ddp_worker(rank: int, world: int, port: int, argv: list[str], out_dir: str)
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     import train
-    import utils.engine as engine
+    import engine.fit as engine
 
     seen = {}
     real = engine.train_one_epoch
@@ -174,7 +174,7 @@ def _spawn(tmp_path: Path, name: str, extra: list[str]) -> tuple[dict, dict, Pat
 
 
 def test_ddp_two_cpu_processes_with_sync_bn(tmp_path: Path) -> None:
-    from utils.checkpoint import model_from_checkpoint
+    from engine.checkpoint import model_from_checkpoint
 
     r0, r1, run = _spawn(tmp_path, "sync", ["--sync-bn"])
     assert "SyncBatchNorm" in r0["types"] and "BatchNorm2d" not in r0["types"]
@@ -211,10 +211,10 @@ class _NaNSometimes:
 def test_nonfinite_steps_are_skipped_then_stop() -> None:
     from models.loss import ComputeLoss
     from models.yolo import Model
-    from utils.engine import TrainingDiverged, train_one_epoch
-    from utils.ema import ModelEMA
+    from engine.ema import ModelEMA
+    from engine.loop import TrainingDiverged, train_one_epoch
     from utils.general import load_yaml
-    from utils.optim import Schedule, build_optimizer
+    from engine.optim import Schedule, build_optimizer
 
     torch.manual_seed(0)
     hyp = load_yaml(ROOT / "cfg" / "hyp" / "scratch.yaml")
@@ -244,9 +244,9 @@ def test_accumulation_counts_optimizer_steps_across_epochs() -> None:
     on one batch's gradient (the old per-epoch counter made 4 steps here)."""
     from models.loss import ComputeLoss
     from models.yolo import Model
-    from utils.engine import train_one_epoch
+    from engine.loop import train_one_epoch
     from utils.general import load_yaml
-    from utils.optim import Schedule, build_optimizer
+    from engine.optim import Schedule, build_optimizer
 
     torch.manual_seed(0)
     hyp = {**load_yaml(ROOT / "cfg" / "hyp" / "scratch.yaml"), "warmup_epochs": 0.0}
@@ -296,7 +296,7 @@ def test_set_mosaic_zero_gives_the_whole_image(tmp_path: Path) -> None:
 
 
 def test_hyp_file_close_mosaic_is_optional_and_checked(tmp_path: Path) -> None:
-    from utils.engine import load_hyp
+    from engine.fit import load_hyp
     from utils.general import ConfigError
 
     base = yaml.safe_load((ROOT / "cfg" / "hyp" / "scratch.yaml").read_text())

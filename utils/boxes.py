@@ -111,9 +111,11 @@ def xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
     return box_convert(boxes, in_fmt="xyxy", out_fmt="xywh")
 
 
-def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Clip (n, 4) xyxy boxes to an image of the given size; returns a new tensor."""
-    out = boxes.clone()
-    out[:, [0, 2]] = out[:, [0, 2]].clamp(0, width)
-    out[:, [1, 3]] = out[:, [1, 3]].clamp(0, height)
-    return out
+def label_lines(det: torch.Tensor, orig_shape: tuple[int, int], conf: bool = True) -> str:
+    """YOLO label text for (n, 6) xyxy detections in original pixels: one 'class cx cy w h [conf]' line each,
+    normalised to ``orig_shape`` (h0, w0); what val.py --save-txt and detect.py --save-txt write."""
+    h0, w0 = orig_shape
+    xywhn = xyxy_to_xywhn(det[:, :4], w0, h0).tolist()
+    lines = [f"{int(c)} " + " ".join(f"{v:.6f}" for v in b) + (f" {s:.5f}" if conf else "")
+             for b, s, c in zip(xywhn, det[:, 4].tolist(), det[:, 5].tolist())]
+    return "".join(ln + "\n" for ln in lines)

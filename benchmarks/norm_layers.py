@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,27 +60,21 @@ def collect_shapes(cfg: str, img: int) -> Counter[ConvShape]:
     return shapes
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_fwd_bwd(module: nn.Module, x: torch.Tensor, reps: int) -> float:
     """Fastest of `reps` forward + backward passes (input and parameter gradients) in train mode, in seconds.
 
     The minimum, not the mean: other processes on a shared machine only ever add time.
     """
+    from utils.timing import timed
+
     module.train()
     grad = torch.randn_like(module(x))
     times = []
     for i in range(reps + 1):  # the first pass warms up the allocator and kernels
         xi = x.detach().requires_grad_(True)
-        _sync(x.device)
-        t0 = time.perf_counter()
-        module(xi).backward(grad)
-        _sync(x.device)
+        t = timed(lambda: module(xi).backward(grad), x.device)
         if i:
-            times.append(time.perf_counter() - t0)
+            times.append(t)
         module.zero_grad(set_to_none=True)
     return min(times)
 

@@ -65,6 +65,7 @@ def measure(norm: str, opt: argparse.Namespace, data_cfg: dict, hyp: dict, devic
     from engine.ema import ModelEMA
     from engine.loop import train_one_epoch
     from engine.optim import Schedule, build_optimizer, scaled_weight_decay
+    from utils.timing import sync
 
     torch.manual_seed(0)
     loader, _ = create_dataloader(data_cfg, "train", opt.img, opt.batch_size, augment=True, hyp=hyp,
@@ -86,8 +87,7 @@ def measure(norm: str, opt: argparse.Namespace, data_cfg: dict, hyp: dict, devic
         t0 = time.perf_counter()
         res = train_one_epoch(model, loader, loss, optim, schedule, ema, scaler, device, epoch, epochs,
                               img_size=opt.img, amp=amp, main=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         if epoch > 0:  # the first pass warms up workers, allocator and oneDNN kernels
             images += res["images"]
             secs += time.perf_counter() - t0

@@ -21,8 +21,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from data.augment import PAD_VALUE, build_train_transform, letterbox, load_hyp, xyxy_to_cxcywh_norm
+from data.augment import PAD_VALUE, augment_params, build_train_transform, letterbox
 from data.datasets import ReadResult, read_coco_categories, read_split, records_to_coco_gt
+from utils.boxes import xyxy_to_xywhn
 from utils.general import ROOT, ConfigError, LOGGER, load_yaml
 
 SPLITS = ("train", "val", "test")
@@ -140,7 +141,7 @@ class DetectionDataset(Dataset):
         self.records, self.names, self.cat_ids = res.records, res.names, res.cat_ids
         self.counts = res.counts
         self.nc, self.img_size, self.augment, self.stride = len(self.names), img_size, augment, stride
-        self.hyp = load_hyp(hyp) if augment else None
+        self.hyp = augment_params(hyp) if augment else None
         self.transform = build_train_transform(img_size, self.hyp) if augment else None
         self._warned: set[str] = set()
         self._imgs: list[np.ndarray | None] = [None] * len(self.records)
@@ -154,7 +155,7 @@ class DetectionDataset(Dataset):
         """Change the mosaic probability (e.g. 0 for the final epochs); loaders created afterwards see it."""
         if self.hyp is None:
             raise ValueError("set_mosaic: this dataset does not augment")
-        self.hyp = load_hyp({**self.hyp, "mosaic": p})
+        self.hyp = augment_params({**self.hyp, "mosaic": p})
         self.transform = build_train_transform(self.img_size, self.hyp)
 
     def reseed(self, seed: int) -> None:
@@ -256,7 +257,7 @@ class DetectionDataset(Dataset):
             boxes = boxes * r2 + np.array([pad[0], pad[1], pad[0], pad[1]], np.float32)
             meta.update(ratio=r * r2, pad=pad)
         h, w = img.shape[:2]
-        labels = np.concatenate([np.asarray(cls, np.float32).reshape(-1, 1), xyxy_to_cxcywh_norm(boxes, w, h)], 1)
+        labels = np.concatenate([np.asarray(cls, np.float32).reshape(-1, 1), xyxy_to_xywhn(boxes, w, h)], 1)
         chw = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
         return chw, torch.from_numpy(labels), rec.im_file, meta
 

@@ -1,7 +1,7 @@
 """``TrainConfig``: every training setting as one typed value, built once (from the command line or by the study).
 
 ``add_train_arguments`` defines train.py's flags; ``TrainConfig.from_namespace`` turns parsed flags into a config;
-``prepare`` resolves ``--resume`` and checks the values. The engine only ever reads a ``TrainConfig``.
+``resolve_resume`` and ``check_config`` finish it (``engine.fit.setup`` calls them). The engine only ever reads a ``TrainConfig``.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.checkpoint import load_checkpoint
-from engine.optim import NOMINAL_BATCH, OPTIMIZERS
-from utils.general import ROOT, ConfigError, load_yaml
+from engine.optim import NOMINAL_BATCH
+from utils.general import ROOT, ConfigError
 
 DEFAULT_DATA = str(ROOT / "cfg" / "data" / "synthetic.yaml")
 DEFAULT_CFG = str(ROOT / "cfg" / "models" / "yolo-n-bn.yaml")
@@ -29,7 +29,7 @@ def default_workers() -> int:
 @dataclass
 class TrainConfig:
     """One training run. Field order is train.py's flag order: it is the key order of opt.yaml and of the
-    checkpoint's ``opt`` (``save_dir`` last, filled in by :func:`prepare`)."""
+    checkpoint's ``opt`` (``save_dir`` last, filled in by ``engine.fit.setup``)."""
 
     data: str = DEFAULT_DATA
     cfg: str = DEFAULT_CFG
@@ -169,30 +169,3 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"--weights {cfg.weights}: file not found")
     return replace(cfg, **paths)
 
-
-OPTIONAL_HYP = {"close_mosaic": 0.0, "perspective": 0.0}  # keys a hyp file may leave out, with defaults
-
-
-def load_hyp(path: str | Path) -> dict[str, Any]:
-    """Read a hyp YAML and check it has every key of cfg/hyp/scratch.yaml with a numeric value (the training
-    contract; ``data.augment.augment_params`` then picks and range-checks the augmentation keys)."""
-    hyp = load_yaml(path, "hyp file")
-    required = load_yaml(ROOT / "cfg" / "hyp" / "scratch.yaml", "hyp file")
-    missing = [k for k in required if k not in hyp and k not in OPTIONAL_HYP]
-    if missing:
-        raise ConfigError(f"hyp file '{path}': missing key '{missing[0]}' "
-                          f"(every key of cfg/hyp/scratch.yaml is needed)")
-    opt_name = hyp.pop("optimizer", None)  # optional: the optimizer these values were tuned for
-    if opt_name is not None and opt_name not in OPTIMIZERS:
-        raise ConfigError(f"hyp file '{path}': key 'optimizer' expected one of {', '.join(OPTIMIZERS)}, "
-                          f"got {opt_name!r}")
-    for k, v in hyp.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"hyp file '{path}': key '{k}' must be a number, got {v!r}")
-    out: dict[str, Any] = {**OPTIONAL_HYP, **{k: float(v) for k, v in hyp.items()}}
-    if out["close_mosaic"] < 0 or out["close_mosaic"] != int(out["close_mosaic"]):
-        raise ConfigError(f"hyp file '{path}': key 'close_mosaic' expected a whole number of epochs >= 0, "
-                          f"got {hyp['close_mosaic']!r}")
-    if opt_name is not None:
-        out["optimizer"] = opt_name
-    return out

@@ -15,7 +15,7 @@ import yaml
 from data.loader import build_loader, create_dataloader, load_data_config
 from engine.autoanchor import check_anchors
 from engine.checkpoint import all_finite, load_checkpoint, model_state, save_checkpoint
-from engine.config import TrainConfig, check_config, load_hyp, resolve_resume
+from engine.config import TrainConfig, check_config, resolve_resume
 from engine.ema import ModelEMA
 from engine.evaluate import evaluate
 from engine.loop import TrainingDiverged, train_one_epoch
@@ -27,6 +27,7 @@ from models.yolo import Model
 from utils import dist as du
 from utils.dist import DistEnv, de_parallel
 from utils.general import LOGGER, ConfigError, increment_path, init_seeds, select_device, setup_logging
+from utils.hyp import load_hyp
 
 
 def fitness(metrics: dict[str, float]) -> float:

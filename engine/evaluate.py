@@ -46,6 +46,8 @@ def _predict(model: nn.Module, dataloader: Any, cat_ids: list[int], *, conf_thre
     """Run the model over the loader; returns (COCO results, images seen, [pre, inference, nms] seconds, shape)."""
     device = next(model.parameters()).device
     channels_last = _feeds_channels_last(model)
+    if labels_dir is not None:
+        labels_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     seen, dt, shape = 0, [0.0, 0.0, 0.0], ()
     for bi, (imgs, targets, paths, metas) in enumerate(tqdm(dataloader, desc="val", leave=False,
@@ -91,6 +93,15 @@ def _per_class(m: CocoMetrics, gt_dict: dict[str, Any], cat_ids: list[int], name
     return per_class, int(inst.sum())
 
 
+def _metrics(m: CocoMetrics, per_class: dict[str, Any], instances: int, seen: int, dt: list[float], shape: tuple,
+             detections: int) -> dict[str, Any]:
+    """The metrics.json content (thresholds and ``info`` are added by the caller); speeds in ms per image."""
+    return {"mAP50": m.map50, "mAP50_95": m.map50_95, "precision": m.precision, "recall": m.recall,
+            "best_conf": m.best_conf, "per_class": per_class, "coco_stats": m.stats,
+            "speed_ms": {k: 1000 * t / seen for k, t in zip(("preprocess", "inference", "nms"), dt)},
+            "images": seen, "instances": instances, "detections": detections}
+
+
 def _log_table(m: CocoMetrics, metrics: dict[str, Any], *, verbose: bool, log_summary: bool) -> None:
     if log_summary:
         LOGGER.info(m.summary)
@@ -127,20 +138,15 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate ``model`` on a letterboxed ``dataloader`` with COCOeval; the model is left as it was given.
 
-    Args:
-        model: a Model (fused or not, any device); switched to eval for the loop and restored afterwards.
-        dataloader: yields ``(imgs (N, 3, H, W) 0..1, targets (M, 6), paths, metas)`` (docs/architecture.md).
-        dataset: provides ``coco_gt()``, ``names`` and ``cat_ids``.
-        save_dir: where metrics.json (and plots / predictions.json / labels when asked) go; None writes nothing.
-        half: FP16 autocast on CUDA (ignored on CPU).
-        verbose: per-class rows in the table.
-        log_summary: log pycocotools' 12-line summary and the speed line (training may turn it off).
-        info: extra plain values merged into the returned metrics (weights path, data file, ...).
-        gt: the ground truth: a COCO JSON path (COCO-format data: the file itself is the reference) or dict;
-            None = ``dataset.coco_gt()`` (built from the records, e.g. for YOLO-txt labels).
-    Returns:
-        metrics dict: mAP50, mAP50_95, precision, recall, best_conf, per_class, coco_stats, speed_ms
-        {preprocess, inference, nms} (per image), images, instances, and the thresholds used.
+    ``model``: fused or not, any device; eval for the loop, its mode restored after. ``dataloader`` yields
+    ``(imgs (N, 3, H, W) 0..1, targets (M, 6), paths, metas)``; ``dataset`` gives ``coco_gt()``, ``names``,
+    ``cat_ids``. ``save_dir``: metrics.json (and plots / predictions.json / labels when asked); None writes nothing.
+    ``half``: FP16 autocast on CUDA only. ``log_summary``: pycocotools' 12-line summary and the speed line.
+    ``info``: plain values merged into the result. ``gt``: a COCO JSON path (COCO data: the file is the reference)
+    or dict; None = ``dataset.coco_gt()`` (built from the records, e.g. for YOLO-txt labels).
+
+    Returns the metrics: mAP50, mAP50_95, precision, recall, best_conf, per_class, coco_stats, speed_ms
+    {preprocess, inference, nms} (ms per image), images, instances, detections and the thresholds used.
     """
     device = next(model.parameters()).device
     names = [str(n) for n in (getattr(dataset, "names", None) or model.names)]
@@ -149,8 +155,6 @@ def evaluate(
     coco_gt = load_coco_gt(gt_src)  # a private copy: COCOeval adds keys to the annotations it reads
     save_dir = Path(save_dir) if save_dir is not None else None
     labels_dir = save_dir / "labels" if save_dir is not None and save_txt else None
-    if labels_dir is not None:
-        labels_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     try:
@@ -165,14 +169,9 @@ def evaluate(
 
     m = coco_evaluate(coco_gt, results, cat_ids)
     per_class, instances = _per_class(m, coco_gt.dataset, cat_ids, names)
-    metrics: dict[str, Any] = {
-        "mAP50": m.map50, "mAP50_95": m.map50_95, "precision": m.precision, "recall": m.recall,
-        "best_conf": m.best_conf, "per_class": per_class, "coco_stats": m.stats,
-        "speed_ms": {k: 1000 * t / seen for k, t in zip(("preprocess", "inference", "nms"), dt)},
-        "images": seen, "instances": instances, "detections": len(results),
-        "conf_thres": conf_thres, "iou_thres": iou_thres, "max_det": max_det, "img_shape": list(shape[2:]),
-        **(info or {}),
-    }
+    metrics = {**_metrics(m, per_class, instances, seen, dt, shape, len(results)),
+               "conf_thres": conf_thres, "iou_thres": iou_thres, "max_det": max_det, "img_shape": list(shape[2:]),
+               **(info or {})}
     _log_table(m, {**metrics, "_shape": shape}, verbose=verbose, log_summary=log_summary)
     if save_dir is not None:
         _save_outputs(save_dir, metrics, m, coco_gt.dataset, gt_src, results, cat_ids, names, save_json=save_json,

@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data.datasets import IMG_EXTS, read_image  # one list: what the reader decodes is what a folder lists
+from data.readers import IMG_EXTS, read_image  # one list: what the reader decodes is what a folder lists
 from utils.general import LOGGER, ConfigError
 
 VID_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".ts", ".asf", ".gif"}

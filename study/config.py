@@ -126,11 +126,6 @@ class StudyConfig:
             raise ConfigError(f"study file '{path}': {e}") from None
 
 
-# TrainConfig fields that every cell sets itself (cell_config); --train-args may not set them
-CELL_FIELDS = frozenset({"data", "cfg", "norm", "hyp", "epochs", "batch_size", "img", "device", "workers", "seed",
-                         "project", "name", "exist_ok", "resume", "noval", "patience", "nbs"})
-
-
 def train_overrides(args: list[str]) -> dict[str, Any]:
     """``--train-args`` (train.py flags) -> the TrainConfig fields they set; ConfigError for a flag train.py lacks."""
     parser = add_train_arguments(argparse.ArgumentParser(prog="--train-args", add_help=False, exit_on_error=False))
@@ -140,9 +135,9 @@ def train_overrides(args: list[str]) -> dict[str, Any]:
         raise ConfigError(f"--train-args: {e}") from None
 
 
-def cell_config(config: StudyConfig, cell: Cell, runs_dir: Path) -> TrainConfig:
-    """The TrainConfig of one cell: the study's settings, the cell's norm / batch / seed, --train-args."""
-    fixed = {
+def cell_settings(config: StudyConfig, cell: Cell, runs_dir: Path) -> dict[str, Any]:
+    """The TrainConfig fields the study sets for a cell; ``--train-args`` may set none of these keys."""
+    return {
         "data": config.data, "cfg": config.cfg, "norm": cell.norm, "hyp": config.hyp or DEFAULT_HYP,
         "epochs": config.epochs, "batch_size": cell.batch_size, "img": config.img, "device": config.device,
         "workers": config.workers, "seed": cell.seed, "project": str(runs_dir), "name": cell.run_name,
@@ -150,7 +145,11 @@ def cell_config(config: StudyConfig, cell: Cell, runs_dir: Path) -> TrainConfig:
         # weights: picking the best epoch on the val split would favour the noisier arm
         "exist_ok": True, "resume": False, "noval": True, "patience": 0, "nbs": config.nbs,
     }
-    return TrainConfig(**{**train_overrides(config.train_args), **fixed})
+
+
+def cell_config(config: StudyConfig, cell: Cell, runs_dir: Path) -> TrainConfig:
+    """The TrainConfig of one cell: the study's settings, the cell's norm / batch / seed, --train-args."""
+    return TrainConfig(**{**train_overrides(config.train_args), **cell_settings(config, cell, runs_dir)})
 
 
 def config_from_args(opt: Any, defaults: dict[str, Any]) -> StudyConfig:
@@ -167,14 +166,14 @@ def config_from_args(opt: Any, defaults: dict[str, Any]) -> StudyConfig:
         extra = shlex.split(opt.train_args or "")
     except ValueError as e:
         raise ConfigError(f"--train-args: {e}") from None
-    owned = sorted(CELL_FIELDS & set(train_overrides(extra)))
-    if owned:  # these are the study's own settings: a silent override would make cells differ unseen
-        flag = "--" + owned[0].replace("_", "-")
-        raise ConfigError(f"--train-args: {flag} is set by compare.py itself; use its own flag")
     config = StudyConfig(data=str(pick["data"]), cfg=str(pick["cfg"]), norms=[str(n) for n in pick["norms"]],
                          batch_sizes=[int(b) for b in pick["batch_sizes"]], seeds=[int(s) for s in pick["seeds"]],
                          epochs=int(pick["epochs"]), img=int(pick["img"]), hyp=opt.hyp, device=str(opt.device),
                          workers=int(opt.workers), train_args=extra, nbs=int(pick.get("nbs", NOMINAL_BATCH)))
+    owned = sorted(set(train_overrides(extra)) & set(cell_settings(config, Cell("bn", 1, 0), Path("."))))
+    if owned:  # these are the study's own settings: a silent override would make cells differ unseen
+        flag = "--" + owned[0].replace("_", "-")
+        raise ConfigError(f"--train-args: {flag} is set by compare.py itself; use its own flag")
     config.validate()  # before any folder is created
     return config
 

@@ -1,4 +1,4 @@
-"""study.csv / study.md / study.png and the generated block of docs/compare.md, for utils/study.py.
+"""study.csv / study.md / study.png and the generated block of docs/compare.md, for study/runner.py.
 
 Aggregation: for each (norm, batch size) the mean and the sample standard deviation (ddof = 1) of mAP50-95 over
 the seeds that finished; the "Δ vs BN" rows are differences of those means.

@@ -126,8 +126,8 @@ def test_box_label_text_is_drawn_in_contrasting_colour():
 
 
 def test_folder_listing_and_reader_share_one_image_suffix_list(tmp_path: Path) -> None:
-    """A folder lists only what data.datasets.read_image decodes (a .dng used to be listed, then rejected)."""
-    from data.datasets import IMG_EXTS, read_image
+    """A folder lists only what data.readers.read_image decodes (a .dng used to be listed, then rejected)."""
+    from data.readers import IMG_EXTS, read_image
 
     cv2.imwrite(str(tmp_path / "a.jpg"), np.full((8, 8, 3), 50, np.uint8))
     (tmp_path / "b.dng").write_bytes((tmp_path / "a.jpg").read_bytes())

@@ -196,7 +196,8 @@ def test_ddp_two_cpu_processes_with_sync_bn(tmp_path: Path) -> None:
 
 def test_set_mosaic_zero_gives_the_whole_image(tmp_path: Path) -> None:
     """After ``set_mosaic(0)`` (the close-mosaic epochs) a train item is the image itself with its own boxes."""
-    from data.loader import DetectionDataset, build_loader, load_data_config
+    from data.dataset import DetectionDataset
+    from data.loader import build_loader, load_data_config
 
     data = load_data_config(make_dataset(tmp_path / "data", n=6))
     zero = {k: 0.0 for k in ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "fliplr",

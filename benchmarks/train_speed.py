@@ -98,13 +98,14 @@ def measure(norm: str, opt: argparse.Namespace, data_cfg: dict, hyp: dict, devic
 def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     from data.loader import load_data_config
-    from utils.general import ConfigError, load_yaml, select_device, setup_logging
+    from utils.general import ConfigError, select_device, setup_logging
+    from utils.hyp import load_hyp
 
     setup_logging(verbose=False)
     try:
         device = select_device(opt.device)
         data_cfg = load_data_config(opt.data or default_data())
-        hyp = load_yaml(opt.hyp, "hyp file")
+        hyp = load_hyp(opt.hyp)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from engine.config import DEFAULT_HYP, TrainConfig, add_train_arguments, given_f
 # in every cell and only the number of images each normalisation layer sees per forward pass changes.
 from engine.optim import NOMINAL_BATCH
 from models.norm import parse_norm_spec
+from utils.dist import dist_env
 from utils.general import LOGGER, ConfigError, increment_path, load_yaml, write_text_atomic
 
 # Ready-made studies. gn-paper: the Group Normalization paper's question (BN vs GN with 16 channels per group as the
@@ -217,7 +217,7 @@ def prepare_preset(config: StudyConfig, preset: str, save_dir: Path) -> StudyCon
 
 def new_study_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path:
     """project/name, incremented (name2, name3, ...) unless exist_ok."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not exist_ok:
+    if dist_env().world_size > 1 and not exist_ok:
         # every torchrun process picks the folder on its own: incrementing could give each rank a different one
         raise ConfigError("under torchrun pass --name NAME --exist-ok (or --resume DIR) so all processes share "
                           "one study folder")

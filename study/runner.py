@@ -3,7 +3,6 @@ each row lands in study.csv as soon as its run finishes, so an interrupted study
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from engine.fit import fit
 from engine.loop import TrainingDiverged
 from study.config import Cell, StudyConfig, cell_config
 from study.report import append_row, read_rows, write_reports
+from utils.dist import dist_env
 from utils.general import LOGGER, select_device
 from utils.timing import repeat_times
 
@@ -84,7 +84,7 @@ def run_cell(config: StudyConfig, cell: Cell, runs_dir: Path) -> dict[str, Any]:
 
 def _is_main_rank() -> bool:
     """Under torchrun every rank runs the same cells (DDP inside fit); only rank 0 writes study files."""
-    return int(os.environ.get("RANK", 0)) == 0
+    return dist_env().is_main
 
 
 def run_study(config: StudyConfig, save_dir: Path, runner: CellRunner | None = None,

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import compare
 from study import config as study, report, runner
@@ -282,17 +281,3 @@ def test_diverged_runs_are_counted_not_averaged(tmp_path: Path) -> None:
     md = report.render_markdown(cfg, back)
     ok = [r["mAP50-95"] for r in rows if r["norm"] == "bn" and r["seed"] != 2]
     assert _md_cells(md, "bn") == [f"{100 * np.mean(ok):.2f} ± {100 * np.std(ok, ddof=1):.2f} (n=2) (1 diverged)"]
-
-
-def test_norm_layer_benchmark_hooks_every_conv_block() -> None:
-    from benchmarks import norm_layers as bench
-
-    shapes = bench.collect_shapes(str(Path(compare.ROOT) / "cfg/models/yolo-n-bn.yaml"), 64)
-    assert sum(shapes.values()) == 57  # every Conv block of the n model (C3 inner convs included), by shape
-    stem = next(s for s in shapes if s.c1 == 3)
-    assert (stem.c2, stem.k, stem.s, stem.h, stem.w, stem.out_hw()) == (16, 6, 2, 64, 64, (32, 32))
-    rows = bench.bench({stem: 1}, ["bn", "gn:C/16"], batch=2, reps=1, device=torch.device("cpu"))
-    assert [r["norm"] for r in rows] == ["bn", "gn:C/16"]
-    assert all(r["block_ms"] > 0 and r["alone_ms"] > 0 for r in rows)  # times themselves are machine noise
-    table = bench.format_table(rows, torch.device("cpu"), 2, 64)
-    assert "| gn:C/16 |" in table and "| bn | " in table and table.count("\n") == 4

@@ -14,9 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.general import LOGGER, ConfigError, run_cli, setup_logging
-
-ROOT = Path(__file__).resolve().parent
+from engine.optim import NOMINAL_BATCH
+from utils.general import LOGGER, ROOT, ConfigError, run_cli, setup_logging
 
 # Study defaults for the grid flags; a preset replaces them (flags given explicitly still win).
 DEFAULTS = {
@@ -27,7 +26,7 @@ DEFAULTS = {
     "seeds": [0, 1],
     "epochs": 30,
     "img": 320,
-    "nbs": 64,
+    "nbs": NOMINAL_BATCH,
 }
 
 
@@ -61,17 +60,19 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(opt: argparse.Namespace) -> Path:
     """Run (or resume) the study; returns the study folder."""
-    from utils import study, study_report
+    from study import config as study_config
+    from study import report as study_report
+    from study import runner
 
     if opt.report_only and opt.resume is None:
         raise ConfigError("--report-only needs --resume DIR (the study whose reports to rewrite)")
     if opt.update_doc:
         study_report.check_doc(Path(opt.update_doc))  # fail now, not after an hour of training
-    config, save_dir = study.open_study(opt, DEFAULTS)
+    config, save_dir = study_config.open_study(opt, DEFAULTS)
     if opt.report_only:
         study_report.write_reports(save_dir, config, study_report.read_rows(save_dir / "study.csv"))
     else:
-        study.run_study(config, save_dir)
+        runner.run_study(config, save_dir)
     LOGGER.info(f"compare: results in {save_dir} (study.csv, study.md, study.png)")
     if opt.update_doc:
         LOGGER.info(f"compare: updated {study_report.update_doc(Path(opt.update_doc), save_dir)}")

@@ -7,21 +7,16 @@ Annotated images / videos go to runs/detect/exp*/ (labels/, crops/ and predictio
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-import torch
+from utils.general import LOGGER, ROOT, ConfigError, increment_path, run_cli, select_device, setup_logging
 
-from utils.boxes import non_max_suppression, xyxy_to_xywhn
-from utils.general import LOGGER, ConfigError, increment_path, run_cli, select_device, setup_logging
-
-ROOT = Path(__file__).resolve().parent
+# detect.py flags that go to engine.predict.FrameSaver as they are
+SAVER_FLAGS = ("save_txt", "save_conf", "save_json", "save_crop", "nosave", "line_thickness", "hide_labels",
+               "hide_conf")
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,49 +45,11 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def preprocess(img_bgr: np.ndarray, img_size: int, stride: int, device: torch.device,
-               channels_last: bool) -> tuple[torch.Tensor, float, tuple[int, int]]:
-    """BGR (H0, W0, 3) uint8 -> letterboxed (minimal padding) RGB (1, 3, H, W) float 0..1, ratio, pad."""
-    from data.augment import letterbox
-
-    img, r, pad = letterbox(img_bgr, img_size, stride=stride, auto=True)
-    x = torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))).to(device)
-    x = x.float().div_(255).unsqueeze(0)
-    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), r, pad
-
-
-class _Writers:
-    """One cv2.VideoWriter per video / stream, opened on its first frame and closed at the end."""
-
-    def __init__(self) -> None:
-        self.open: dict[str, cv2.VideoWriter] = {}
-
-    def write(self, key: str, path: Path, frame: np.ndarray, fps: float) -> None:
-        if key not in self.open:
-            h, w = frame.shape[:2]
-            self.open[key] = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-        self.open[key].write(frame)
-
-    def close(self) -> None:
-        for wr in self.open.values():
-            wr.release()
-        self.open.clear()
-
-
-def _counts(det: torch.Tensor, names: list[str]) -> str:
-    """'2 person, 1 car' for a (n, 6) detection tensor; '(no detections)' when empty."""
-    c = Counter(int(k) for k in det[:, 5].tolist())
-    if not c:
-        return "(no detections)"
-    return ", ".join(f"{n} {names[k]}" for k, n in sorted(c.items()))
-
-
 def main(opt: argparse.Namespace) -> dict[str, Any]:
     """Detect on every frame of ``opt.source``; returns {'save_dir', 'images', 'skipped', 'detections'}."""
-    from data.augment import scale_boxes_to_original
     from data.sources import MediaSource
-    from utils.plots import box_label, color, default_line_width
-    from val import load_model
+    from engine.checkpoint import load_model
+    from engine.predict import FrameSaver, counts_text, predict_image
 
     setup_logging()
     for flag, v in (("--conf-thres", opt.conf_thres), ("--iou-thres", opt.iou_thres)):
@@ -104,64 +61,26 @@ def main(opt: argparse.Namespace) -> dict[str, Any]:
     names = [str(n) for n in model.names]
     if opt.classes and any(not 0 <= c < len(names) for c in opt.classes):
         raise ConfigError(f"--classes {opt.classes}: the model has classes 0..{len(names) - 1}")
-    stride = int(model.stride.max())
-    channels_last = device.type == "cpu"
     save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok)
-    if opt.save_txt:
-        (save_dir / "labels").mkdir(exist_ok=True)
-    writers, records, n_frames, n_dets = _Writers(), [], 0, 0
+    saver = FrameSaver(save_dir, names, **{k: getattr(opt, k) for k in SAVER_FLAGS})
+    n_frames = n_dets = 0
     try:
         for frame in source:
             t0 = time.perf_counter()
-            x, r, pad = preprocess(frame.image, opt.img, stride, device, channels_last)
-            with torch.inference_mode():
-                out = model(x)
-            out = out[0] if isinstance(out, (list, tuple)) else out
-            det = non_max_suppression(out.float(), opt.conf_thres, opt.iou_thres, classes=opt.classes,
-                                      agnostic=opt.agnostic_nms, max_det=opt.max_det)[0].cpu()
-            det = torch.as_tensor(scale_boxes_to_original(det, r, pad, frame.image.shape[:2]))
+            det, shape = predict_image(model, frame.image, opt.img, conf_thres=opt.conf_thres,
+                                       iou_thres=opt.iou_thres, classes=opt.classes, agnostic=opt.agnostic_nms,
+                                       max_det=opt.max_det)
             ms = (time.perf_counter() - t0) * 1000
-            n_frames += 1
-            n_dets += len(det)
-            p = Path(frame.path)
-            stem = p.stem if frame.kind == "image" else f"{p.stem if frame.kind == 'video' else 'webcam'}_{frame.index}"
+            n_frames, n_dets = n_frames + 1, n_dets + len(det)
             where = f"frame {frame.index + 1}/{frame.count or '?'} " if frame.kind != "image" else ""
-            LOGGER.info(f"{frame.file_index + 1}/{len(source)} {frame.path}: {where}{x.shape[2]}x{x.shape[3]} "
-                        f"{_counts(det, names)}, {ms:.1f}ms")
-            h0, w0 = frame.image.shape[:2]
-            if opt.save_txt:
-                xywhn = xyxy_to_xywhn(det[:, :4], w0, h0).tolist()
-                lines = [f"{int(c)} " + " ".join(f"{v:.6f}" for v in b) + (f" {s:.5f}" if opt.save_conf else "")
-                         for b, s, c in zip(xywhn, det[:, 4].tolist(), det[:, 5].tolist())]
-                (save_dir / "labels" / f"{stem}.txt").write_text("".join(ln + "\n" for ln in lines))
-            if opt.save_json:
-                records += [{"file": frame.path, "frame": frame.index, "class": int(c), "name": names[int(c)],
-                             "score": round(float(s), 5), "bbox_xyxy": [round(v, 2) for v in b]}
-                            for b, s, c in zip(det[:, :4].tolist(), det[:, 4].tolist(), det[:, 5].tolist())]
-            if opt.save_crop:
-                for j, (*b, s, c) in enumerate(det.tolist()):
-                    x1, y1, x2, y2 = (int(round(v)) for v in b)
-                    if x2 > x1 and y2 > y1:
-                        crop_dir = save_dir / "crops" / names[int(c)]
-                        crop_dir.mkdir(parents=True, exist_ok=True)
-                        cv2.imwrite(str(crop_dir / f"{stem}_{j}.jpg"), frame.image[y1:y2, x1:x2])
-            if not opt.nosave:
-                img = frame.image.copy()
-                lw = opt.line_thickness or default_line_width(img.shape)
-                for *b, s, c in reversed(det.tolist()):  # best boxes drawn last, on top
-                    label = "" if opt.hide_labels else (names[int(c)] if opt.hide_conf else f"{names[int(c)]} {s:.2f}")
-                    box_label(img, b, label, color(int(c)), lw)
-                if frame.kind == "image":
-                    cv2.imwrite(str(save_dir / p.name), img)
-                else:
-                    name = f"{p.stem if frame.kind == 'video' else 'webcam'}.mp4"
-                    writers.write(frame.path, save_dir / name, img, frame.fps)
+            LOGGER.info(f"{frame.file_index + 1}/{len(source)} {frame.path}: {where}{shape[2]}x{shape[3]} "
+                        f"{counts_text(det, names)}, {ms:.1f}ms")
+            saver.save(frame, det)
     except KeyboardInterrupt:  # the way to stop a webcam: finish the files cleanly
         LOGGER.info("interrupted")
     finally:
-        writers.close()
-    if opt.save_json:
-        (save_dir / "predictions.json").write_text(json.dumps(records))
+        saver.close()
+    saver.write_json()
     if n_frames == 0:
         raise ConfigError(f"source '{opt.source}': none of its {len(source)} file(s) could be read")
     if source.skipped:

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def stats(data: str, img: int, n: int, hyp: str | None, seed: int) -> dict[str, float]:
     """Means over ``n`` samples: padding fraction, boxes out, boxes in, boxes dropped; also the share of mosaics."""
     from data.augment import build_train_transform
-    from data.loader import DetectionDataset, load_data_config
+    from data.dataset import DetectionDataset
+    from data.loader import load_data_config
 
     ds = DetectionDataset(load_data_config(data), "train", img, augment=True, hyp=hyp, seed=seed)
     ds.transform = build_train_transform(img, ds.hyp, with_mask=True)

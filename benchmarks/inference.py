@@ -14,7 +14,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,18 +38,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def time_model(model: torch.nn.Module, x: torch.Tensor, warmup: int, iters: int) -> float:
     """Median milliseconds per image over ``iters`` passes of batch ``x`` (N, 3, H, W)."""
-    times = []
+    from utils.timing import repeat_times
+
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        for _ in range(iters):
-            if x.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(x)
-            if x.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        times = repeat_times(lambda: model(x), x.device, reps=iters, warmup=warmup)
     return 1000 * statistics.median(times) / x.shape[0]
 
 

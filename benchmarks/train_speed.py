@@ -3,15 +3,14 @@
     python benchmarks/train_speed.py                       # 320 px, batch 16, mosaic on, ../shared/coco128
     python benchmarks/train_speed.py --norms bn gn:C/16 ln --epochs 3 --data cfg/data/synthetic.yaml
 
-Runs ``utils.engine.train_one_epoch`` (the same code as train.py: AMP on CUDA, nominal-batch accumulation, EMA,
-loaded batches with mosaic) for ``--epochs`` timed passes after one untimed warm-up pass, and prints a table plus
-the GN/BN time ratio. coco128 is used when ``../shared/coco128`` exists, else the built-in synthetic data.
+Runs ``engine.throughput.train_throughput`` (``engine.loop.train_one_epoch``, the same code as train.py: AMP on
+CUDA, nominal-batch accumulation, EMA, loaded batches with mosaic) for ``--epochs`` timed passes after one untimed
+warm-up pass, and prints a table plus the GN/BN time ratio. coco128 is used when ``../shared/coco128`` exists, else the built-in synthetic data.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,80 +40,30 @@ def default_data() -> str:
     return str(ROOT / "cfg" / "data" / ("coco128.yaml" if coco128.is_dir() else "synthetic.yaml"))
 
 
-class _Capped:
-    """The first ``n`` batches of a loader (len() included), so long splits can be sampled."""
-
-    def __init__(self, loader, n: int) -> None:
-        self.loader, self.n, self.sampler = loader, n, getattr(loader, "sampler", None)
-
-    def __len__(self) -> int:
-        return min(self.n, len(self.loader))
-
-    def __iter__(self):
-        for i, b in enumerate(self.loader):
-            if i >= self.n:
-                break
-            yield b
-
-
-def measure(norm: str, opt: argparse.Namespace, data_cfg: dict, hyp: dict, device: torch.device) -> dict:
-    """Images/s over ``opt.epochs`` timed passes for one norm."""
-    from data.loader import create_dataloader
-    from models.loss import ComputeLoss
-    from models.yolo import Model
-    from utils.ema import ModelEMA
-    from utils.engine import train_one_epoch
-    from utils.optim import Schedule, build_optimizer, scaled_weight_decay
-
-    torch.manual_seed(0)
-    loader, _ = create_dataloader(data_cfg, "train", opt.img, opt.batch_size, augment=True, hyp=hyp,
-                                  workers=opt.workers, seed=0, shuffle=True)
-    if opt.max_batches:
-        loader = _Capped(loader, opt.max_batches)
-    model = Model(opt.cfg, nc=int(data_cfg["nc"]), norm=norm).to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    optim = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"],
-                            scaled_weight_decay(hyp["weight_decay"], opt.batch_size))
-    epochs = opt.epochs + 1
-    schedule = Schedule(hyp, epochs, len(loader), opt.batch_size)
-    ema, amp = ModelEMA(model), device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    loss = ComputeLoss(model, hyp, opt.img)
-    images, secs = 0, 0.0
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        res = train_one_epoch(model, loader, loss, optim, schedule, ema, scaler, device, epoch, epochs,
-                              img_size=opt.img, amp=amp, main=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if epoch > 0:  # the first pass warms up workers, allocator and oneDNN kernels
-            images += res["images"]
-            secs += time.perf_counter() - t0
-    return {"norm": norm, "images": images, "seconds": secs, "images_per_s": images / secs,
-            "params": sum(p.numel() for p in model.parameters())}
-
-
 def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     from data.loader import load_data_config
-    from utils.general import ConfigError, load_yaml, select_device, setup_logging
+    from utils.general import ConfigError, select_device, setup_logging
+    from utils.hyp import load_hyp
 
     setup_logging(verbose=False)
     try:
         device = select_device(opt.device)
         data_cfg = load_data_config(opt.data or default_data())
-        hyp = load_yaml(opt.hyp, "hyp file")
+        hyp = load_hyp(opt.hyp)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from train import default_workers, set_cpu_threads  # the same thread / worker layout as training
+    from engine.config import default_workers  # the same thread / worker layout as training
+    from engine.fit import set_cpu_threads
+    from engine.throughput import train_throughput
 
     if opt.workers < 0:
         opt.workers = default_workers()
     if device.type == "cpu":
         set_cpu_threads()
-    rows = [measure(n, opt, data_cfg, hyp, device) for n in opt.norms]
+    rows = [train_throughput(n, opt.cfg, data_cfg, hyp, device, img=opt.img, batch_size=opt.batch_size,
+                             epochs=opt.epochs, workers=opt.workers, max_batches=opt.max_batches) for n in opt.norms]
     print(f"\ntrain speed: {Path(data_cfg['yaml_file']).name}, {opt.img} px, batch {opt.batch_size}, mosaic "
           f"{hyp.get('mosaic', 0)}, {opt.workers} workers, {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")

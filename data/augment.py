@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 import torch
 
-from utils.general import ROOT, ConfigError, load_yaml
+from utils.general import ConfigError
+from utils.hyp import SCRATCH, load_hyp
 
 PAD_VALUE = 114  # grey used for every padded / uncovered pixel (train and val alike)
 AUG_KEYS = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "fliplr", "flipud",
@@ -91,14 +92,12 @@ def scale_boxes_to_original(
     return out
 
 
-def load_hyp(hyp: dict[str, Any] | str | Path | None) -> dict[str, float]:
-    """Augmentation hyper-parameters from a dict or hyp YAML (None -> cfg/hyp/scratch.yaml), validated.
-
-    ``perspective`` is optional (default 0, as in YOLOv5's hyp files).
-    """
+def augment_params(hyp: dict[str, Any] | str | Path | None) -> dict[str, float]:
+    """The augmentation keys of a hyp dict, range-checked; a path (None: cfg/hyp/scratch.yaml) is read with
+    ``utils.hyp.load_hyp`` first. ``perspective`` is optional (default 0, as in YOLOv5's hyp files)."""
     src = "cfg/hyp/scratch.yaml" if hyp is None else (str(hyp) if not isinstance(hyp, dict) else "hyp")
     if not isinstance(hyp, dict):
-        hyp = load_yaml(ROOT / "cfg" / "hyp" / "scratch.yaml" if hyp is None else hyp, "hyp file")
+        hyp = load_hyp(SCRATCH if hyp is None else hyp)
     hyp = {**OPTIONAL_AUG, **hyp}
     out: dict[str, float] = {}
     for k in AUG_KEYS:
@@ -281,14 +280,3 @@ def build_train_transform(img_size: int, hyp: dict[str, float], pad_value: int =
                           with_mask: bool = False) -> TrainTransform:
     """The training transform for ``img_size`` and validated ``hyp`` (see :class:`TrainTransform`)."""
     return TrainTransform(img_size, hyp, pad_value, with_mask)
-
-
-def xyxy_to_cxcywh_norm(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
-    """(n, 4) pixel xyxy -> (n, 4) cx, cy, w, h normalised by the image width / height (float32)."""
-    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    out = np.empty_like(b)
-    out[:, 0] = (b[:, 0] + b[:, 2]) / (2 * w)
-    out[:, 1] = (b[:, 1] + b[:, 3]) / (2 * h)
-    out[:, 2] = (b[:, 2] - b[:, 0]) / w
-    out[:, 3] = (b[:, 3] - b[:, 1]) / h
-    return out

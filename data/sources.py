@@ -13,10 +13,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data.datasets import read_image
+from data.readers import IMG_EXTS, read_image  # one list: what the reader decodes is what a folder lists
 from utils.general import LOGGER, ConfigError
 
-IMG_EXTS = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".dng", ".mpo", ".pfm"}
 VID_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".ts", ".asf", ".gif"}
 
 

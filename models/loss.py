@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 from torchvision.ops import complete_box_iou_loss
 
+from utils.dist import de_parallel
+
 # Objectness weight per detection level (P3 sees many small cells, so its miss-rate matters most).
 OBJ_BALANCE = {3: [4.0, 1.0, 0.4]}
 OBJ_BALANCE_DEFAULT = [4.0, 1.0, 0.25, 0.06, 0.02]
@@ -38,10 +40,6 @@ class FocalBCE(nn.Module):
         return (loss * alpha * (1.0 - p_t) ** self.gamma).mean()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 class ComputeLoss:
     """YOLO loss for a model with a YOLOv5 ``Detect`` head.
 
@@ -54,7 +52,7 @@ class ComputeLoss:
     """
 
     def __init__(self, model: nn.Module, hyp: dict[str, Any], img_size: int = 640) -> None:
-        det = _unwrap(model).model[-1]
+        det = de_parallel(model).model[-1]
         self.det = det
         self.nl, self.na, self.nc = int(det.nl), int(det.na), int(det.nc)
         dev = det.anchors.device

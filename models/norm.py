@@ -42,7 +42,6 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "none": ("none", "identity", "null"),
 }
 _NAME_TO_TYPE = {alias: t for t, names in _ALIASES.items() for alias in names}
-VALID_TYPES = tuple(_ALIASES)
 _CHOICES = "bn, syncbn, gn:G, gn:C/k, ln, in, frozenbn, none"
 _MAPPING_KEYS = {"type", "groups", "eps", "momentum", "affine", "strict"}
 _GROUPS_RE = re.compile(r"^\s*(?:c\s*/\s*(\d+)|(\d+))\s*$", re.IGNORECASE)

@@ -118,18 +118,23 @@ def _valid_from(j: Any, i: int) -> bool:
     return isinstance(j, int) and not isinstance(j, bool) and (j == -1 or 0 <= j < i or (j < -1 and i + j >= 0))
 
 
-def parse_model(d: dict, ch: list[int], cfg_name: str = "model") -> tuple[nn.Sequential, list[int], list[tuple]]:
-    """Build the layer list from a YOLOv5-format dict; returns (layers, saved indices, summary rows)."""
+def _check_header(d: dict, cfg_name: str) -> None:
+    """The keys every model dict needs: nc (a positive int), anchors (one [w1,h1, w2,h2, ...] list per level)."""
     for key in ("nc", "anchors", "backbone", "head"):
         if key not in d:
             raise ConfigError(f"{cfg_name}: missing key '{key}'")
-    nc, gd, gw = d["nc"], d.get("depth_multiple", 1.0), d.get("width_multiple", 1.0)
+    nc, anchors = d["nc"], d["anchors"]
     if not isinstance(nc, int) or nc < 1:
         raise ConfigError(f"{cfg_name}: 'nc' must be a positive integer, got {nc!r}")
-    anchors = d["anchors"]
     if not (isinstance(anchors, list) and anchors and all(isinstance(a, list) and len(a) % 2 == 0 and a
                                                         for a in anchors)):
         raise ConfigError(f"{cfg_name}: 'anchors' must be a list of [w1,h1, w2,h2, ...] lists, one per level")
+
+
+def parse_model(d: dict, ch: list[int], cfg_name: str = "model") -> tuple[nn.Sequential, list[int], list[tuple]]:
+    """Build the layer list from a YOLOv5-format dict; returns (layers, saved indices, summary rows)."""
+    _check_header(d, cfg_name)
+    nc, anchors, gd, gw = d["nc"], d["anchors"], d.get("depth_multiple", 1.0), d.get("width_multiple", 1.0)
     act = d.get("act", "leakyrelu")
     make_act(act)  # validate early: one-line error instead of a failure inside a block
     base = d.get("norm", "bn")

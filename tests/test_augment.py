@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.augment import HSVGain, build_train_transform, letterbox, load_hyp, mosaic_canvas, scale_boxes_to_original
+from data.augment import HSVGain, augment_params, build_train_transform, letterbox, mosaic_canvas, scale_boxes_to_original
 from utils.general import ConfigError
 
 ZERO = {k: 0.0 for k in ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
@@ -59,11 +59,11 @@ def test_scale_boxes_clips_and_copies():
 
 
 def test_hyp_validation():
-    assert load_hyp(None)["mosaic"] == 1.0
+    assert augment_params(None)["mosaic"] == 1.0
     with pytest.raises(ConfigError, match="fliplr"):
-        load_hyp({**ZERO, "fliplr": 2})
+        augment_params({**ZERO, "fliplr": 2})
     with pytest.raises(ConfigError, match="'scale'"):
-        load_hyp({**ZERO, "scale": "big"})
+        augment_params({**ZERO, "scale": "big"})
 
 
 def test_flip_only_mirrors_boxes():
@@ -154,7 +154,7 @@ def test_mosaic_padding_fraction_of_non_square_images():
     rng = np.random.default_rng(1)
     photos = [(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8), np.zeros((0, 4), np.float32), np.zeros(0)),
               (rng.integers(0, 255, (160, 120, 3), dtype=np.uint8), np.zeros((0, 4), np.float32), np.zeros(0))]
-    for hyp, limit in (({**ZERO, "mosaic": 1.0}, 0.08), ({**load_hyp(None), "translate": 0.0}, 0.15)):
+    for hyp, limit in (({**ZERO, "mosaic": 1.0}, 0.08), ({**augment_params(None), "translate": 0.0}, 0.15)):
         t = build_train_transform(s, hyp, with_mask=True)
         t.set_random_seed(0)
         pads = [_padding(t([photos[k % 2] for k in range(i, i + 4)])) for i in range(60)]

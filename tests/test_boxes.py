@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.boxes import clip_boxes, non_max_suppression, xyxy_to_xywh, xyxy_to_xywhn
+from utils.boxes import label_lines, non_max_suppression, xyxy_to_xywh, xyxy_to_xywhn
 from utils.general import ConfigError
 
 
@@ -86,8 +86,14 @@ def test_box_helpers():
     b = torch.tensor([[10.0, 20.0, 50.0, 60.0]])
     torch.testing.assert_close(xyxy_to_xywh(b), torch.tensor([[10.0, 20.0, 40.0, 40.0]]))
     torch.testing.assert_close(xyxy_to_xywhn(b, 100, 200), torch.tensor([[0.3, 0.2, 0.4, 0.2]]))
-    torch.testing.assert_close(clip_boxes(torch.tensor([[-5.0, 3.0, 120.0, 90.0]]), 80, 100),
-                               torch.tensor([[0.0, 3.0, 100.0, 80.0]]))
+
+
+def test_label_lines_are_yolo_txt_in_original_pixels():
+    det = torch.tensor([[10.0, 20.0, 50.0, 60.0, 0.87654321, 3.0], [0.0, 0.0, 100.0, 200.0, 0.5, 0.0]])
+    assert label_lines(det, (200, 100)) == ("3 0.300000 0.200000 0.400000 0.200000 0.87654\n"
+                                            "0 0.500000 0.500000 1.000000 1.000000 0.50000\n")
+    assert label_lines(det[:1], (200, 100), conf=False) == "3 0.300000 0.200000 0.400000 0.200000\n"
+    assert label_lines(det[:0], (200, 100)) == ""
 
 
 def reference_nms(p: torch.Tensor, conf_thres: float, iou_thres: float, multi_label: bool, max_det: int):

@@ -12,7 +12,7 @@ import torch
 import detect
 from data.sources import MediaSource, resolve_source
 from models.yolo import Model
-from utils.checkpoint import model_state, save_checkpoint
+from engine.checkpoint import model_state, save_checkpoint
 from utils.general import ConfigError
 from utils.plots import box_label
 from logcapture import call_logged
@@ -123,3 +123,13 @@ def test_box_label_text_is_drawn_in_contrasting_colour():
         assert (tag == tag_col).all(-1).mean() > 0.5
         text = (tag.sum(-1) < 100) if dark_text else (tag.min(-1) > 200)
         assert text.sum() > 30  # the label's strokes, in the contrasting colour
+
+
+def test_folder_listing_and_reader_share_one_image_suffix_list(tmp_path: Path) -> None:
+    """A folder lists only what data.readers.read_image decodes (a .dng used to be listed, then rejected)."""
+    from data.readers import IMG_EXTS, read_image
+
+    cv2.imwrite(str(tmp_path / "a.jpg"), np.full((8, 8, 3), 50, np.uint8))
+    (tmp_path / "b.dng").write_bytes((tmp_path / "a.jpg").read_bytes())
+    assert resolve_source(tmp_path) == [tmp_path / "a.jpg"]
+    assert ".dng" not in IMG_EXTS and read_image(tmp_path / "b.dng") == (None, "not_image")

@@ -59,7 +59,7 @@ def _epochs(csv_path: Path) -> list[int]:
 
 def test_tiny_run_writes_everything(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import train
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+    from engine.checkpoint import load_checkpoint, model_from_checkpoint
 
     from tests.logcapture import call_logged
 
@@ -142,7 +142,7 @@ def _ddp_worker(rank: int, world: int, port: int, argv: list[str], out_dir: str)
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     import train
-    import utils.engine as engine
+    import engine.fit as engine
 
     seen = {}
     real = engine.train_one_epoch
@@ -174,7 +174,7 @@ def _spawn(tmp_path: Path, name: str, extra: list[str]) -> tuple[dict, dict, Pat
 
 
 def test_ddp_two_cpu_processes_with_sync_bn(tmp_path: Path) -> None:
-    from utils.checkpoint import model_from_checkpoint
+    from engine.checkpoint import model_from_checkpoint
 
     r0, r1, run = _spawn(tmp_path, "sync", ["--sync-bn"])
     assert "SyncBatchNorm" in r0["types"] and "BatchNorm2d" not in r0["types"]
@@ -194,86 +194,10 @@ def test_ddp_two_cpu_processes_with_sync_bn(tmp_path: Path) -> None:
     assert any(not torch.equal(p0["stats"][k], p1["stats"][k]) for k in p0["stats"])
 
 
-class _NaNSometimes:
-    """Wraps ComputeLoss and turns the loss of the listed calls into NaN."""
-
-    def __init__(self, inner, bad: set[int]) -> None:
-        self.inner, self.bad, self.calls = inner, bad, 0
-
-    def __call__(self, preds, targets):
-        loss, items = self.inner(preds, targets)
-        self.calls += 1
-        if self.calls - 1 in self.bad:
-            return loss * float("nan"), items * float("nan")
-        return loss, items
-
-
-def test_nonfinite_steps_are_skipped_then_stop() -> None:
-    from models.loss import ComputeLoss
-    from models.yolo import Model
-    from utils.engine import TrainingDiverged, train_one_epoch
-    from utils.ema import ModelEMA
-    from utils.general import load_yaml
-    from utils.optim import Schedule, build_optimizer
-
-    torch.manual_seed(0)
-    hyp = load_yaml(ROOT / "cfg" / "hyp" / "scratch.yaml")
-    model = Model(ROOT / "cfg" / "models" / "yolo-n-bn.yaml", nc=2)
-    batch = (torch.rand(2, 3, 64, 64), torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3]]), ["a", "b"], [{}, {}])
-    loader = [batch] * 6
-    opt = build_optimizer(model, "SGD", hyp["lr0"])
-    sched = Schedule(hyp, epochs=1, batches_per_epoch=6, batch_size=32)  # accumulate 2
-    ema = ModelEMA(model)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss = _NaNSometimes(ComputeLoss(model, hyp, 64), bad={1, 2})
-    res = train_one_epoch(model, loader, loss, opt, sched, ema, scaler, torch.device("cpu"), 0, 1, img_size=64,
-                          amp=False, main=False, nonfinite_limit=3)
-    assert res["nonfinite"] == 2 and res["images"] == 12
-    assert all(np.isfinite(res["loss"]))  # averages only over the good batches
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert ema.updates == 3  # steps after batches 0, 4 and 5; the one due after the skipped batch 2 is dropped
-    bad_all = _NaNSometimes(ComputeLoss(model, hyp, 64), bad=set(range(6)))
-    with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
-        train_one_epoch(model, loader, bad_all, opt, sched, ema, scaler, torch.device("cpu"), 0, 1, img_size=64,
-                        amp=False, main=False, nonfinite_limit=3)
-
-
-def test_accumulation_counts_optimizer_steps_across_epochs() -> None:
-    """Two epochs of 3 batches, accumulate 2: steps after global batches 1, 3 and 5 (the final flush). The batch
-    left over at the end of epoch 0 carries into epoch 1 instead of stepping, and epoch 1 does not open with a step
-    on one batch's gradient (the old per-epoch counter made 4 steps here)."""
-    from models.loss import ComputeLoss
-    from models.yolo import Model
-    from utils.engine import train_one_epoch
-    from utils.general import load_yaml
-    from utils.optim import Schedule, build_optimizer
-
-    torch.manual_seed(0)
-    hyp = {**load_yaml(ROOT / "cfg" / "hyp" / "scratch.yaml"), "warmup_epochs": 0.0}
-    model = Model(ROOT / "cfg" / "models" / "yolo-n-bn.yaml", nc=2)
-    batch = (torch.rand(2, 3, 64, 64), torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3]]), ["a", "b"], [{}, {}])
-    opt = build_optimizer(model, "SGD", hyp["lr0"])
-    sched = Schedule(hyp, epochs=2, batches_per_epoch=3, batch_size=32)
-    assert sched.nw == 0 and sched.max_accumulate == 2
-    calls = []
-    real_step = opt.step
-    opt.step = lambda *a, **k: (calls.append(1), real_step(*a, **k))[1]
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss = ComputeLoss(model, hyp, 64)
-    accum = {"last_step": -1, "pending": 0}
-    kw = dict(img_size=64, amp=False, main=False, accum=accum)
-    r0 = train_one_epoch(model, [batch] * 3, loss, opt, sched, None, scaler, torch.device("cpu"), 0, 2, flush=False,
-                         **kw)
-    assert r0["steps"] == 1 and accum == {"last_step": 1, "pending": 1}
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())  # carried, not lost
-    r1 = train_one_epoch(model, [batch] * 3, loss, opt, sched, None, scaler, torch.device("cpu"), 1, 2, flush=True,
-                         **kw)
-    assert r1["steps"] == 2 and len(calls) == 3 and accum == {"last_step": 5, "pending": 0}
-
-
 def test_set_mosaic_zero_gives_the_whole_image(tmp_path: Path) -> None:
     """After ``set_mosaic(0)`` (the close-mosaic epochs) a train item is the image itself with its own boxes."""
-    from data.loader import DetectionDataset, build_loader, load_data_config
+    from data.dataset import DetectionDataset
+    from data.loader import build_loader, load_data_config
 
     data = load_data_config(make_dataset(tmp_path / "data", n=6))
     zero = {k: 0.0 for k in ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "fliplr",
@@ -296,7 +220,7 @@ def test_set_mosaic_zero_gives_the_whole_image(tmp_path: Path) -> None:
 
 
 def test_hyp_file_close_mosaic_is_optional_and_checked(tmp_path: Path) -> None:
-    from utils.engine import load_hyp
+    from utils.hyp import load_hyp
     from utils.general import ConfigError
 
     base = yaml.safe_load((ROOT / "cfg" / "hyp" / "scratch.yaml").read_text())

@@ -14,8 +14,9 @@ from pycocotools.cocoeval import COCOeval
 
 import val
 from data.loader import create_dataloader, load_data_config
+from engine.checkpoint import model_state, save_checkpoint
+from engine.evaluate import evaluate
 from models.yolo import Model
-from utils.checkpoint import model_state, save_checkpoint
 from logcapture import call_logged
 
 NAMES = ["circle", "square", "triangle", "star", "cross", "ring", "hexagon", "arrow", "crescent", "heart"]
@@ -116,7 +117,7 @@ def test_perfect_predictions_map_back_exactly_and_score_one(syn_yaml, tmp_path):
     cfg = load_data_config(syn_yaml)
     loader, dataset = create_dataloader(cfg, "val", 160, 5, augment=False)  # 160 px: a ratio far from 1
     model = OracleModel(oracle_outputs(loader)).train()
-    m = val.run(model, loader, dataset, gt=cfg["val"], save_dir=tmp_path, save_json=True, log_summary=False)
+    m = evaluate(model, loader, dataset, gt=cfg["val"], save_dir=tmp_path, save_json=True, log_summary=False)
     assert model.training  # the caller's mode is restored
     assert m["mAP50_95"] == pytest.approx(1.0) and m["mAP50"] == pytest.approx(1.0)  # IoU > 0.95 on every box
     assert m["precision"] == pytest.approx(1.0) and m["recall"] == pytest.approx(1.0)
@@ -130,20 +131,20 @@ def test_perfect_predictions_map_back_exactly_and_score_one(syn_yaml, tmp_path):
 
 
 def test_run_leaves_the_model_untouched_and_fusion_keeps_map(syn_yaml, ckpt):
-    from utils.checkpoint import model_from_checkpoint
+    from engine.checkpoint import model_from_checkpoint
 
     cfg = load_data_config(syn_yaml)
     loader, dataset = create_dataloader(cfg, "val", 128, 12, augment=False)
     model = model_from_checkpoint(ckpt).train()
     before = copy.deepcopy(model.state_dict())
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    m1 = val.run(model, loader, dataset, conf_thres=0.0001, log_summary=False)
+    m1 = evaluate(model, loader, dataset, conf_thres=0.0001, log_summary=False)
     assert model.training and n_bn > 0
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn  # not fused
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics untouched too
     fused = copy.deepcopy(model).eval().fuse()
-    m2 = val.run(fused, loader, dataset, conf_thres=0.0001, log_summary=False)
+    m2 = evaluate(fused, loader, dataset, conf_thres=0.0001, log_summary=False)
     assert m1["detections"] > 0
     assert m2["mAP50_95"] == pytest.approx(m1["mAP50_95"], abs=1e-4)
     assert m2["mAP50"] == pytest.approx(m1["mAP50"], abs=1e-4)

@@ -11,10 +11,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from utils.ema import de_parallel  # re-exported: callers import it from here too
-
 __all__ = ["DistEnv", "dist_env", "init_distributed", "cleanup", "is_dist", "barrier", "all_reduce_flag",
            "average_gradients", "broadcast_object", "wrap_ddp", "zero_first", "de_parallel"]
+
+
+def de_parallel(model: nn.Module) -> nn.Module:
+    """The bare model inside a DataParallel / DistributedDataParallel wrapper (the one unwrapping in the project)."""
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
 
 @dataclass(frozen=True)

@@ -119,3 +119,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """UTF-8 text through :func:`atomic_write`: readers never see a partial file."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))

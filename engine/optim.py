@@ -10,9 +10,9 @@ import torch.nn as nn
 
 from models.norm import is_norm_layer
 from utils.general import ConfigError
+from utils.hyp import OPTIMIZERS
 
 NOMINAL_BATCH = 64  # gradients are accumulated up to this many images per optimizer step
-OPTIMIZERS = ("SGD", "AdamW")
 
 
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils.dist import de_parallel
 from utils.general import LOGGER
 
 BPR_THRESHOLD = 0.98
@@ -104,7 +105,7 @@ def check_anchors(model: nn.Module, dataset: Any, thr: float = 4.0, img_size: in
     checkpoint and broadcast to the other ranks when DDP wraps the model.
     Returns ``{'bpr_before', 'bpr_after', 'changed'}``.
     """
-    det = (model.module if hasattr(model, "module") else model).model[-1]
+    det = de_parallel(model).model[-1]
     stride = det.stride.detach().cpu().double().view(-1, 1, 1)
     anchors_px = (det.anchors.detach().cpu().double() * stride).view(-1, 2).numpy()
     wh = label_wh(dataset, img_size, seed)

@@ -1,8 +1,8 @@
 """YOLO-txt and COCO-JSON readers -> one ``Record`` type; label validation with counted reasons; the label cache.
 
-Bad input never raises: each problem is repaired or skipped and counted under a reason (``REASONS``), and
-``summary_line`` turns the counts into the start-of-run line. Only a split left with no image at all raises
-``ConfigError``. Boxes are ``xyxy`` pixels of the original image.
+Bad input never raises: each problem is repaired or skipped and counted under a reason (a key of ``IMAGE_SKIPS``,
+``BACKGROUNDS`` or ``BOX_FIXES``), and ``summary_line`` turns the counts into the start-of-run line. Only a split
+left with no image at all raises ``ConfigError``. Boxes are ``xyxy`` pixels of the original image.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ BACKGROUNDS = {"no_label_file": "without label file", "empty_label_file": "with 
 BOX_FIXES = {"clipped": "clipped", "outside": "dropped outside / zero area", "duplicate": "duplicate rows dropped",
              "malformed": "malformed rows dropped", "bad_class": "class id out of range",
              "unknown_category": "unknown category id", "orphan": "annotations of unknown / skipped images"}
-REASONS = {**IMAGE_SKIPS, **BACKGROUNDS, **BOX_FIXES}
 
 
 @dataclass

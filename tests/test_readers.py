@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data.datasets import read_split, summary_line
+from data.readers import read_split, summary_line
 from data.loader import load_data_config
 from utils.general import LOGGER, ROOT, ConfigError
 
@@ -54,7 +54,7 @@ def test_coco_gt_roundtrip_with_pycocotools(coco128_dir):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from data.datasets import records_to_coco_gt
+    from data.readers import records_to_coco_gt
 
     res = read_split(load_data_config("coco128-json.yaml"), "train")
     gt = records_to_coco_gt(res.records, res.names, res.cat_ids)
@@ -189,7 +189,7 @@ def test_coco_fuzz_counts_exact(tmp_path):
     a = next(r for r in res.records if r.image_id == 11)
     assert a.cls.tolist() == [1, 2, 0] and a.crowd.tolist() == [False, True, False]
     np.testing.assert_allclose(a.boxes[2], [150, 90, 160, 100])
-    from data.loader import DetectionDataset
+    from data.dataset import DetectionDataset
 
     ds = DetectionDataset(cfg, "val", 160, augment=False)
     gt = ds.coco_gt()
@@ -209,7 +209,7 @@ def test_empty_dataset_names_the_path(tmp_path):
 
 
 def test_label_cache_hit_and_invalidation(tmp_path, monkeypatch, caplog):
-    import data.datasets as D
+    import data.readers as D
 
     _yolo_fuzz(tmp_path / "ds")
     cfg = _cfg(tmp_path, YOLO_YAML.format(root=tmp_path / "ds"))

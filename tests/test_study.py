@@ -1,4 +1,4 @@
-"""compare.py / utils/study.py: aggregation numbers, resume bookkeeping, reports, CLI errors, one real tiny study."""
+"""compare.py / study/ (config, runner, report): aggregation numbers, resume bookkeeping, reports, CLI errors, one real tiny study."""
 from __future__ import annotations
 
 import logging
@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import compare
-from utils import study, study_report as report
+from study import config as study, report, runner
 from utils.general import ConfigError
 
 
@@ -93,7 +92,7 @@ def test_resume_trains_only_missing_cells(tmp_path: Path, monkeypatch: pytest.Mo
         (runs_dir / cell.run_name).mkdir(parents=True, exist_ok=True)
         return _fake_row(cell, runs_dir)
 
-    monkeypatch.setattr(study, "run_cell", fake_run_cell)
+    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
     argv = ["--data", "d.yaml", "--norms", "bn", "gn:C/16", "--batch-sizes", "4", "2", "--seeds", "0", "1",
             "--epochs", "1", "--img", "64", "--project", str(tmp_path), "--name", "s"]
     with pytest.raises(Killed):
@@ -174,17 +173,24 @@ def test_resume_of_a_folder_without_study_is_an_error(tmp_path: Path, capsys: py
     assert "not a study folder" in capsys.readouterr().err
 
 
-def test_train_argv_holds_the_cell_and_fixed_settings(tmp_path: Path) -> None:
-    cfg = _config(hyp="h.yaml", train_args=["--cos-lr"], device="cpu", workers=0)
-    argv = study.train_argv(cfg, study.Cell("gn:C/16", 4, 1), tmp_path)
-    pairs = dict(zip(argv[::1], argv[1::1]))
-    assert pairs["--norm"] == "gn:C/16" and pairs["--batch-size"] == "4" and pairs["--seed"] == "1"
-    assert pairs["--name"] == "gn-C16-b4-s1" and pairs["--hyp"] == "h.yaml" and argv[-1] == "--cos-lr"
-    assert "--exist-ok" in argv and pairs["--nbs"] == "64"  # train.py's own default, passed explicitly
-    argv16 = study.train_argv(_config(nbs=16), study.Cell("bn", 2, 0), tmp_path)
-    assert dict(zip(argv16, argv16[1:]))["--nbs"] == "16"
+def test_cell_config_holds_the_cell_and_fixed_settings(tmp_path: Path) -> None:
+    from engine.config import DEFAULT_HYP, TrainConfig
+
+    cfg = _config(hyp="h.yaml", train_args=["--cos-lr", "--cache"], device="cpu", workers=0)
+    tc = study.cell_config(cfg, study.Cell("gn:C/16", 4, 1), tmp_path)
+    assert isinstance(tc, TrainConfig)
+    assert (tc.norm, tc.batch_size, tc.seed, tc.name, tc.hyp) == ("gn:C/16", 4, 1, "gn-C16-b4-s1", "h.yaml")
+    assert tc.cos_lr is True and tc.cache == "ram"  # --train-args, parsed with train.py's own flags
+    assert tc.exist_ok and tc.noval and tc.patience == 0 and tc.nbs == 64  # train.py's own default, explicit
+    assert (tc.project, tc.workers, tc.device, tc.epochs, tc.img) == (str(tmp_path), 0, "cpu", 1, 64)
+    tc16 = study.cell_config(_config(nbs=16), study.Cell("bn", 2, 0), tmp_path)
+    assert tc16.nbs == 16 and tc16.hyp == DEFAULT_HYP and tc16.cos_lr is False
     with pytest.raises(ConfigError, match="--nbs is set by compare.py"):
         study.config_from_args(compare.parse_opt(["--train-args=--nbs 8"]), compare.DEFAULTS)
+    with pytest.raises(ConfigError, match="--img is set by compare.py"):
+        study.config_from_args(compare.parse_opt(["--train-args=--imgsz 64"]), compare.DEFAULTS)
+    with pytest.raises(ConfigError, match="--train-args: '--no-such-flag' is not a train.py flag"):
+        study.config_from_args(compare.parse_opt(["--train-args=--no-such-flag"]), compare.DEFAULTS)
 
 
 def _train_available() -> str | None:
@@ -236,7 +242,7 @@ def test_subset_holds_the_first_images_of_each_split(tiny_data: Path, tmp_path: 
 def test_gn_paper_preset_is_the_16_run_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[study.StudyConfig, study.Cell]] = []
     monkeypatch.setattr(study, "subset_coco_dataset", lambda data, n_tr, n_val, out: out / f"{n_tr}-{n_val}.yaml")
-    monkeypatch.setattr(study, "run_cell", lambda cfg, cell, runs: calls.append((cfg, cell)) or _fake_row(cell, runs))
+    monkeypatch.setattr(runner, "run_cell", lambda cfg, cell, runs: calls.append((cfg, cell)) or _fake_row(cell, runs))
     save_dir = compare.main(compare.parse_opt(["--preset", "gn-paper", "--project", str(tmp_path)]))
     assert save_dir == tmp_path / "gn-paper" and len(calls) == 16
     assert {(c.norm, c.batch_size, c.seed) for _, c in calls} == {
@@ -248,7 +254,7 @@ def test_gn_paper_preset_is_the_16_run_grid(tmp_path: Path, monkeypatch: pytest.
 
 @pytest.mark.skipif(_train_available() is not None, reason=str(_train_available()))
 def test_real_tiny_study_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
-    """2 norms × 1 batch × 1 seed, 1 epoch, on a tiny synthetic dataset: real train.main + validation per cell."""
+    """2 norms × 1 batch × 1 seed, 1 epoch, on a tiny synthetic dataset: real engine.fit + validation per cell."""
     data_yaml = tiny_data
     argv = ["--data", str(data_yaml), "--norms", "bn", "gn:C/16", "--batch-sizes", "4", "--seeds", "0",
             "--epochs", "1", "--img", "64", "--device", "cpu", "--workers", "0", "--project", str(tmp_path),
@@ -275,17 +281,3 @@ def test_diverged_runs_are_counted_not_averaged(tmp_path: Path) -> None:
     md = report.render_markdown(cfg, back)
     ok = [r["mAP50-95"] for r in rows if r["norm"] == "bn" and r["seed"] != 2]
     assert _md_cells(md, "bn") == [f"{100 * np.mean(ok):.2f} ± {100 * np.std(ok, ddof=1):.2f} (n=2) (1 diverged)"]
-
-
-def test_norm_layer_benchmark_hooks_every_conv_block() -> None:
-    from benchmarks import norm_layers as bench
-
-    shapes = bench.collect_shapes(str(Path(compare.ROOT) / "cfg/models/yolo-n-bn.yaml"), 64)
-    assert sum(shapes.values()) == 57  # every Conv block of the n model (C3 inner convs included), by shape
-    stem = next(s for s in shapes if s.c1 == 3)
-    assert (stem.c2, stem.k, stem.s, stem.h, stem.w, stem.out_hw()) == (16, 6, 2, 64, 64, (32, 32))
-    rows = bench.bench({stem: 1}, ["bn", "gn:C/16"], batch=2, reps=1, device=torch.device("cpu"))
-    assert [r["norm"] for r in rows] == ["bn", "gn:C/16"]
-    assert all(r["block_ms"] > 0 and r["alone_ms"] > 0 for r in rows)  # times themselves are machine noise
-    table = bench.format_table(rows, torch.device("cpu"), 2, 64)
-    assert "| gn:C/16 |" in table and "| bn | " in table and table.count("\n") == 4

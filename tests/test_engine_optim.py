@@ -1,4 +1,4 @@
-"""utils/optim.py and utils/ema.py: parameter groups, weight-decay scaling, warmup and decay, EMA."""
+"""engine/optim.py and engine/ema.py: parameter groups, weight-decay scaling, warmup and decay, EMA."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,9 @@ import torch
 
 from models.norm import is_norm_layer
 from models.yolo import Model
-from utils.ema import ModelEMA
+from engine.ema import ModelEMA
 from utils.general import ROOT, ConfigError, load_yaml
-from utils.optim import Schedule, accumulate_steps, build_optimizer, param_groups, scaled_weight_decay
+from engine.optim import Schedule, accumulate_steps, build_optimizer, param_groups, scaled_weight_decay
 
 HYP = load_yaml(ROOT / "cfg" / "hyp" / "scratch.yaml")
 

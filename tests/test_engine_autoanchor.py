@@ -1,4 +1,4 @@
-"""utils/autoanchor.py: best possible recall, k-means + evolution, anchors written into the model buffer."""
+"""engine/autoanchor.py: best possible recall, k-means + evolution, anchors written into the model buffer."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.yolo import Model
-from utils.autoanchor import _fitness, anchor_metrics, check_anchors, kmean_anchors, label_wh
+from engine.autoanchor import _fitness, anchor_metrics, check_anchors, kmean_anchors, label_wh
 from utils.general import ROOT
 
 

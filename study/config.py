@@ -1,6 +1,6 @@
-"""The norm × batch-size × seed study behind compare.py: the cell grid, presets, running cells and resuming.
+"""The norm × batch-size × seed study behind compare.py: the cell grid, presets, settings and study folders.
 
-Tables, figure and CSV I/O live in utils/study_report.py.
+Running the cells is study/runner.py; tables, figure and CSV I/O are study/report.py.
 
 A study folder (``runs/compare/<name>``) holds:
 
@@ -12,25 +12,24 @@ A study folder (``runs/compare/<name>``) holds:
 """
 from __future__ import annotations
 
-import math
-import os
+import argparse
+import json
 import re
 import shlex
-import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import torch
 import yaml
 
-from models.norm import parse_norm_spec
-from utils.general import LOGGER, ConfigError, increment_path, load_yaml
+from data.loader import load_data_config
+from engine.config import DEFAULT_HYP, TrainConfig, add_train_arguments, given_flags
 # Every run accumulates gradients up to NOMINAL_BATCH images per optimizer step, so the effective batch is the same
 # in every cell and only the number of images each normalisation layer sees per forward pass changes.
-from utils.optim import NOMINAL_BATCH
-from utils.study_report import append_row, read_rows, write_reports, write_text_atomic
+from engine.optim import NOMINAL_BATCH
+from models.norm import parse_norm_spec
+from utils.dist import dist_env
+from utils.general import LOGGER, ConfigError, increment_path, load_yaml, write_text_atomic
 
 # Ready-made studies. gn-paper: the Group Normalization paper's question (BN vs GN with 16 channels per group as the
 # per-step batch shrinks) on the built-in data. Sized for 16 runs in <= 60 min on 2 CPU cores: 768 images x 6 epochs
@@ -127,109 +126,30 @@ class StudyConfig:
             raise ConfigError(f"study file '{path}': {e}") from None
 
 
-# --------------------------------------------------------------------------------------------------- running
-def find_weights(run_dir: Path) -> Path | None:
-    """best.pt (else last.pt) anywhere under a train.py run folder."""
-    for name in ("best.pt", "last.pt"):
-        hits = sorted(Path(run_dir).rglob(name))
-        if hits:
-            return hits[0]
-    return None
+def train_overrides(args: list[str]) -> dict[str, Any]:
+    """``--train-args`` (train.py flags) -> the TrainConfig fields they set; ConfigError for a flag train.py lacks."""
+    parser = add_train_arguments(argparse.ArgumentParser(prog="--train-args", add_help=False, exit_on_error=False))
+    try:
+        return given_flags(parser, args)
+    except (argparse.ArgumentError, ConfigError) as e:
+        raise ConfigError(f"--train-args: {e}") from None
 
 
-def time_inference(weights: Path | None, img: int, device: str, batch: int = 8, reps: int = 5) -> float:
-    """ms per image of the trained model's forward at the study size, loaded as val.py and detect.py load it
-    (val.load_model: EMA weights, BN folded, channels_last on CPU); the fastest of `reps` batches.
-
-    Random pixels are enough: a conv net's forward time does not depend on the content. NMS is not included. The
-    minimum, not the mean, because on a shared machine other processes only ever add time.
-    """
-    if weights is None:
-        return math.nan
-    import val
-    from utils.general import select_device
-
-    dev = select_device(device)
-    model = val.load_model(weights, dev)
-    x = torch.rand(batch, 3, img, img, device=dev)
-    if dev.type == "cpu":
-        x = x.contiguous(memory_format=torch.channels_last)  # as val.py feeds it: no per-layer conversion
-    times = []
-    with torch.inference_mode():
-        model(x)  # warm-up: allocator, kernels
-        for _ in range(reps):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            model(x)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            times.append(time.perf_counter() - t0)
-    return 1000 * min(times) / batch
-
-
-def train_argv(config: StudyConfig, cell: Cell, runs_dir: Path) -> list[str]:
-    """The train.py command line of one cell (the same code path as running train.py by hand)."""
-    argv = [
-        "--data", config.data, "--cfg", config.cfg, "--norm", cell.norm,
-        "--epochs", str(config.epochs), "--batch-size", str(cell.batch_size), "--img", str(config.img),
-        "--device", config.device, "--workers", str(config.workers), "--seed", str(cell.seed),
-        "--project", str(runs_dir), "--name", cell.run_name, "--exist-ok",
+def cell_settings(config: StudyConfig, cell: Cell, runs_dir: Path) -> dict[str, Any]:
+    """The TrainConfig fields the study sets for a cell; ``--train-args`` may set none of these keys."""
+    return {
+        "data": config.data, "cfg": config.cfg, "norm": cell.norm, "hyp": config.hyp or DEFAULT_HYP,
+        "epochs": config.epochs, "batch_size": cell.batch_size, "img": config.img, "device": config.device,
+        "workers": config.workers, "seed": cell.seed, "project": str(runs_dir), "name": cell.run_name,
         # every cell trains exactly the planned epochs (no early stop) and is scored once, on its final EMA
         # weights: picking the best epoch on the val split would favour the noisier arm
-        "--noval", "--patience", "0", "--nbs", str(config.nbs),
-    ]
-    if config.hyp:
-        argv += ["--hyp", config.hyp]
-    return argv + list(config.train_args)
-
-
-def run_cell(config: StudyConfig, cell: Cell, runs_dir: Path) -> dict[str, Any]:
-    """Train + validate one cell through train.main, time the fused model, and return its study.csv row.
-
-    A run that diverges (train.py's TrainingDiverged) is a result too, not a crash of the study: its row has
-    status 'diverged' and no metrics, and the tables count it.
-    """
-    import train  # imported here: train.py is a script module with heavy imports, needed only when running
-    from utils.engine import TrainingDiverged
-
-    t0 = time.time()
-    opt = train.parse_opt(train_argv(config, cell, runs_dir))
-    base = {"norm": cell.norm, "batch_size": cell.batch_size, "seed": cell.seed, "img_size": config.img}
-    try:
-        res = train.main(opt)
-    except TrainingDiverged as e:
-        LOGGER.warning(f"study: {cell.run_name} diverged ({e}); recorded as 'diverged'")
-        return {**base, "status": "diverged", "epochs": config.epochs, "mAP50": math.nan, "mAP50-95": math.nan,
-                "precision": math.nan, "recall": math.nan, "train_img_per_s": math.nan,
-                "infer_ms_per_img": math.nan, "params": 0, "wall_time_s": time.time() - t0,
-                "run_dir": str(getattr(opt, "save_dir", runs_dir / cell.run_name))}
-    if not _is_main_rank():  # under torchrun only rank 0 validates and records
-        return {}
-    run_dir = Path(res.get("save_dir", runs_dir / cell.run_name))
-    infer_ms = time_inference(find_weights(run_dir), config.img, config.device, config.infer_batch)
-    return {
-        **base, "status": "ok", "epochs": int(res.get("epochs", config.epochs)),
-        "mAP50": float(res["mAP50"]), "mAP50-95": float(res["mAP50_95"]),
-        "precision": float(res["precision"]), "recall": float(res["recall"]),
-        "train_img_per_s": float(res.get("train_images_per_s", math.nan)), "infer_ms_per_img": infer_ms,
-        "params": int(res.get("params", 0)), "wall_time_s": time.time() - t0,  # the whole cell, timing included
-        "run_dir": str(run_dir),
+        "exist_ok": True, "resume": False, "noval": True, "patience": 0, "nbs": config.nbs,
     }
 
 
-CellRunner = Callable[[StudyConfig, Cell, Path], dict[str, Any]]
-
-
-def _is_main_rank() -> bool:
-    """Under torchrun every rank runs the same cells (DDP inside train.main); only rank 0 writes study files."""
-    return int(os.environ.get("RANK", 0)) == 0
-
-
-# train.py flags that compare.py sets for every cell (train_argv); --train-args may not repeat them
-_CELL_FLAGS = {"--data", "--cfg", "--norm", "--hyp", "--epochs", "--batch-size", "--img", "--img-size", "--imgsz",
-               "--device", "--workers", "--seed", "--project", "--name", "--exist-ok", "--resume", "--noval",
-               "--patience", "--nbs"}
+def cell_config(config: StudyConfig, cell: Cell, runs_dir: Path) -> TrainConfig:
+    """The TrainConfig of one cell: the study's settings, the cell's norm / batch / seed, --train-args."""
+    return TrainConfig(**{**train_overrides(config.train_args), **cell_settings(config, cell, runs_dir)})
 
 
 def config_from_args(opt: Any, defaults: dict[str, Any]) -> StudyConfig:
@@ -246,13 +166,14 @@ def config_from_args(opt: Any, defaults: dict[str, Any]) -> StudyConfig:
         extra = shlex.split(opt.train_args or "")
     except ValueError as e:
         raise ConfigError(f"--train-args: {e}") from None
-    owned = next((a for a in extra if a.split("=")[0] in _CELL_FLAGS), None)
-    if owned:  # these are the study's own settings: a silent override would make cells differ unseen
-        raise ConfigError(f"--train-args: {owned.split('=')[0]} is set by compare.py itself; use its own flag")
     config = StudyConfig(data=str(pick["data"]), cfg=str(pick["cfg"]), norms=[str(n) for n in pick["norms"]],
                          batch_sizes=[int(b) for b in pick["batch_sizes"]], seeds=[int(s) for s in pick["seeds"]],
                          epochs=int(pick["epochs"]), img=int(pick["img"]), hyp=opt.hyp, device=str(opt.device),
                          workers=int(opt.workers), train_args=extra, nbs=int(pick.get("nbs", NOMINAL_BATCH)))
+    owned = sorted(set(train_overrides(extra)) & set(cell_settings(config, Cell("bn", 1, 0), Path("."))))
+    if owned:  # these are the study's own settings: a silent override would make cells differ unseen
+        flag = "--" + owned[0].replace("_", "-")
+        raise ConfigError(f"--train-args: {flag} is set by compare.py itself; use its own flag")
     config.validate()  # before any folder is created
     return config
 
@@ -263,11 +184,7 @@ def subset_coco_dataset(data: str, n_train: int, n_val: int, out_dir: Path) -> P
     The built-in dataset draws every image from its own RNG, so its first N images are an unbiased sample; the
     subset points at the original image folders (nothing is copied). Returns the new YAML's path.
     """
-    import json
-
-    from data.loader import load_data_config  # generates the built-in dataset on first use
-
-    d = load_data_config(data)
+    d = load_data_config(data)  # generates the built-in dataset on first use
     if d["format"] != "coco":
         raise ConfigError(f"--preset: the dataset '{data}' must be in COCO format to take a subset")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -300,7 +217,7 @@ def prepare_preset(config: StudyConfig, preset: str, save_dir: Path) -> StudyCon
 
 def new_study_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path:
     """project/name, incremented (name2, name3, ...) unless exist_ok."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not exist_ok:
+    if dist_env().world_size > 1 and not exist_ok:
         # every torchrun process picks the folder on its own: incrementing could give each rank a different one
         raise ConfigError("under torchrun pass --name NAME --exist-ok (or --resume DIR) so all processes share "
                           "one study folder")
@@ -333,50 +250,3 @@ def open_study(opt: Any, defaults: dict[str, Any]) -> tuple[StudyConfig, Path]:
     return config, save_dir
 
 
-def run_study(config: StudyConfig, save_dir: Path, runner: CellRunner | None = None,
-              progress: bool = True) -> list[dict[str, Any]]:
-    """Run every cell of the grid not yet in study.csv, recording each row as soon as its run finishes.
-
-    Returns all rows (earlier and new). An incomplete run folder left by an interrupted cell is discarded and the
-    cell is trained again from scratch, so every row comes from one uninterrupted, seeded run.
-    """
-    from tqdm import tqdm
-
-    runner = runner or run_cell  # looked up at call time, so tests can replace the module's run_cell
-    save_dir = Path(save_dir)
-    config.validate()
-    main = _is_main_rank()
-    csv_path, cfg_path = save_dir / "study.csv", save_dir / "study.yaml"
-    if main:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        config.save(cfg_path)
-    rows = read_rows(csv_path)
-    done = {(str(r["norm"]).lower(), int(r["batch_size"]), int(r["seed"])) for r in rows}
-    cells = config.cells()
-    todo = [c for c in cells if c.key not in done]
-    skipped = [c for c in cells if c.key in done]
-    if skipped:
-        LOGGER.info(f"study: {len(skipped)} finished run(s) found in {csv_path}, skipped: "
-                    + ", ".join(c.run_name for c in skipped))
-    LOGGER.info(f"study: {len(todo)} run(s) to train in {save_dir}")
-    runs_dir = save_dir / "runs"
-    bar = tqdm(total=len(cells), initial=len(skipped), desc="study", unit="run", disable=not (progress and main),
-               dynamic_ncols=True)
-    try:
-        for cell in todo:
-            bar.set_postfix_str(cell.run_name)
-            partial = runs_dir / cell.run_name
-            if main and partial.exists():
-                LOGGER.info(f"study: discarding the incomplete run folder {partial} (interrupted earlier)")
-                shutil.rmtree(partial)
-            row = runner(config, cell, runs_dir)
-            if main:
-                append_row(csv_path, row)
-                write_reports(save_dir, config, read_rows(csv_path))
-            bar.update(1)
-    finally:
-        bar.close()
-    if main:
-        rows = read_rows(csv_path)
-        write_reports(save_dir, config, rows)
-    return rows

@@ -1,4 +1,4 @@
-"""study.csv / study.md / study.png and the generated block of docs/compare.md, for utils/study.py.
+"""study.csv / study.md / study.png and the generated block of docs/compare.md, for study/runner.py.
 
 Aggregation: for each (norm, batch size) the mean and the sample standard deviation (ddof = 1) of mAP50-95 over
 the seeds that finished; the "Δ vs BN" rows are differences of those means.
@@ -13,12 +13,11 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-from utils.general import ROOT, ConfigError, atomic_write
+from study.config import StudyConfig
+from utils.general import ROOT, ConfigError, write_text_atomic
 
-if TYPE_CHECKING:
-    from utils.study import StudyConfig
 
 CSV_COLUMNS = (
     "norm", "batch_size", "seed", "status", "epochs", "img_size", "mAP50", "mAP50-95", "precision", "recall",
@@ -30,11 +29,6 @@ STD_NOTE = "sample standard deviation over seeds (ddof = 1)"
 
 
 # ----------------------------------------------------------------------------------------------------- files
-def write_text_atomic(path: Path, text: str) -> None:
-    """UTF-8 text through utils.general.atomic_write: readers never see a partial file."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """study.csv -> rows with numbers parsed (ints for counts, floats for metrics); [] when the file is absent."""
     path = Path(path)

@@ -7,10 +7,7 @@ from copy import deepcopy
 import torch
 import torch.nn as nn
 
-
-def de_parallel(model: nn.Module) -> nn.Module:
-    """The bare model inside a DataParallel / DistributedDataParallel wrapper."""
-    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+from utils.dist import de_parallel
 
 
 class ModelEMA:

@@ -1,0 +1,66 @@
+"""Training throughput (images/s) of the real training step for one norm: ``train_one_epoch`` with data loading,
+AMP on CUDA, nominal-batch accumulation and EMA, as train.py runs it (benchmarks/train_speed.py prints it)."""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import torch
+
+from data.loader import create_dataloader
+from engine.ema import ModelEMA
+from engine.loop import train_one_epoch
+from engine.optim import Schedule, build_optimizer, scaled_weight_decay
+from models.loss import ComputeLoss
+from models.yolo import Model
+from utils.timing import sync
+
+
+class Capped:
+    """The first ``n`` batches of a loader (len() included), so long splits can be sampled."""
+
+    def __init__(self, loader: Any, n: int) -> None:
+        self.loader, self.n, self.sampler = loader, n, getattr(loader, "sampler", None)
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.loader))
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, b in enumerate(self.loader):
+            if i >= self.n:
+                break
+            yield b
+
+
+def train_throughput(norm: str, cfg: str, data_cfg: dict[str, Any], hyp: dict[str, Any], device: torch.device, *,
+                     img: int, batch_size: int, epochs: int, workers: int, max_batches: int = 0) -> dict[str, Any]:
+    """Images/s over ``epochs`` timed passes (after one untimed warm-up pass) of the model ``cfg`` with ``norm``.
+
+    Returns ``{'norm', 'images', 'seconds', 'images_per_s', 'params'}``.
+    """
+    torch.manual_seed(0)
+    loader, _ = create_dataloader(data_cfg, "train", img, batch_size, augment=True, hyp=hyp, workers=workers, seed=0,
+                                  shuffle=True)
+    if max_batches:
+        loader = Capped(loader, max_batches)
+    model = Model(cfg, nc=int(data_cfg["nc"]), norm=norm).to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    optim = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"],
+                            scaled_weight_decay(hyp["weight_decay"], batch_size))
+    passes = epochs + 1
+    schedule = Schedule(hyp, passes, len(loader), batch_size)
+    ema, amp = ModelEMA(model), device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    loss = ComputeLoss(model, hyp, img)
+    images, secs = 0, 0.0
+    for epoch in range(passes):
+        t0 = time.perf_counter()
+        res = train_one_epoch(model, loader, loss, optim, schedule, ema, scaler, device, epoch, passes,
+                              img_size=img, amp=amp, main=True)
+        sync(device)
+        if epoch > 0:  # the first pass warms up workers, allocator and oneDNN kernels
+            images += res["images"]
+            secs += time.perf_counter() - t0
+    return {"norm": norm, "images": images, "seconds": secs, "images_per_s": images / secs,
+            "params": sum(p.numel() for p in model.parameters())}

@@ -1,0 +1,134 @@
+"""Running a study: every cell is ``engine.fit.fit`` with the cell's TrainConfig, then the trained model is timed;
+each row lands in study.csv as soon as its run finishes, so an interrupted study resumes where it stopped."""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from engine.checkpoint import load_model
+from engine.fit import fit
+from engine.loop import TrainingDiverged
+from study.config import Cell, StudyConfig, cell_config
+from study.report import append_row, read_rows, write_reports
+from utils.dist import dist_env
+from utils.general import LOGGER, select_device
+from utils.timing import repeat_times
+
+CellRunner = Callable[[StudyConfig, Cell, Path], dict[str, Any]]
+
+
+def find_weights(run_dir: Path) -> Path | None:
+    """best.pt (else last.pt) anywhere under a training run folder."""
+    for name in ("best.pt", "last.pt"):
+        hits = sorted(Path(run_dir).rglob(name))
+        if hits:
+            return hits[0]
+    return None
+
+
+def time_inference(weights: Path | None, img: int, device: str, batch: int = 8, reps: int = 5) -> float:
+    """ms per image of the trained model's forward at the study size, loaded as val.py and detect.py load it
+    (engine.checkpoint.load_model: EMA weights, BN folded, channels_last on CPU); the fastest of `reps` batches.
+
+    Random pixels are enough: a conv net's forward time does not depend on the content. NMS is not included. The
+    minimum, not the mean, because on a shared machine other processes only ever add time.
+    """
+    if weights is None:
+        return math.nan
+    dev = select_device(device)
+    model = load_model(weights, dev)
+    x = torch.rand(batch, 3, img, img, device=dev)
+    if dev.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)  # as val.py feeds it: no per-layer conversion
+    with torch.inference_mode():
+        times = repeat_times(lambda: model(x), dev, reps=reps, warmup=1)  # warm-up: allocator, kernels
+    return 1000 * min(times) / batch
+
+
+def run_cell(config: StudyConfig, cell: Cell, runs_dir: Path) -> dict[str, Any]:
+    """Train + validate one cell through engine.fit, time the fused model, and return its study.csv row.
+
+    A run that diverges (TrainingDiverged) is a result too, not a crash of the study: its row has status
+    'diverged' and no metrics, and the tables count it.
+    """
+    t0 = time.time()
+    cfg = cell_config(config, cell, runs_dir)
+    base = {"norm": cell.norm, "batch_size": cell.batch_size, "seed": cell.seed, "img_size": config.img}
+    try:
+        res = fit(cfg)
+    except TrainingDiverged as e:
+        LOGGER.warning(f"study: {cell.run_name} diverged ({e}); recorded as 'diverged'")
+        return {**base, "status": "diverged", "epochs": config.epochs, "mAP50": math.nan, "mAP50-95": math.nan,
+                "precision": math.nan, "recall": math.nan, "train_img_per_s": math.nan,
+                "infer_ms_per_img": math.nan, "params": 0, "wall_time_s": time.time() - t0,
+                "run_dir": str(Path(runs_dir) / cell.run_name)}
+    if not _is_main_rank():  # under torchrun only rank 0 validates and records
+        return {}
+    run_dir = Path(res.get("save_dir", runs_dir / cell.run_name))
+    infer_ms = time_inference(find_weights(run_dir), config.img, config.device, config.infer_batch)
+    return {
+        **base, "status": "ok", "epochs": int(res.get("epochs", config.epochs)),
+        "mAP50": float(res["mAP50"]), "mAP50-95": float(res["mAP50_95"]),
+        "precision": float(res["precision"]), "recall": float(res["recall"]),
+        "train_img_per_s": float(res.get("train_images_per_s", math.nan)), "infer_ms_per_img": infer_ms,
+        "params": int(res.get("params", 0)), "wall_time_s": time.time() - t0,  # the whole cell, timing included
+        "run_dir": str(run_dir),
+    }
+
+
+def _is_main_rank() -> bool:
+    """Under torchrun every rank runs the same cells (DDP inside fit); only rank 0 writes study files."""
+    return dist_env().is_main
+
+
+def run_study(config: StudyConfig, save_dir: Path, runner: CellRunner | None = None,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Run every cell of the grid not yet in study.csv, recording each row as soon as its run finishes.
+
+    Returns all rows (earlier and new). An incomplete run folder left by an interrupted cell is discarded and the
+    cell is trained again from scratch, so every row comes from one uninterrupted, seeded run.
+    """
+    runner = runner or run_cell  # looked up at call time, so tests can replace the module's run_cell
+    save_dir = Path(save_dir)
+    config.validate()
+    main = _is_main_rank()
+    csv_path, cfg_path = save_dir / "study.csv", save_dir / "study.yaml"
+    if main:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        config.save(cfg_path)
+    rows = read_rows(csv_path)
+    done = {(str(r["norm"]).lower(), int(r["batch_size"]), int(r["seed"])) for r in rows}
+    cells = config.cells()
+    todo = [c for c in cells if c.key not in done]
+    skipped = [c for c in cells if c.key in done]
+    if skipped:
+        LOGGER.info(f"study: {len(skipped)} finished run(s) found in {csv_path}, skipped: "
+                    + ", ".join(c.run_name for c in skipped))
+    LOGGER.info(f"study: {len(todo)} run(s) to train in {save_dir}")
+    runs_dir = save_dir / "runs"
+    bar = tqdm(total=len(cells), initial=len(skipped), desc="study", unit="run", disable=not (progress and main),
+               dynamic_ncols=True)
+    try:
+        for cell in todo:
+            bar.set_postfix_str(cell.run_name)
+            partial = runs_dir / cell.run_name
+            if main and partial.exists():
+                LOGGER.info(f"study: discarding the incomplete run folder {partial} (interrupted earlier)")
+                shutil.rmtree(partial)
+            row = runner(config, cell, runs_dir)
+            if main:
+                append_row(csv_path, row)
+                write_reports(save_dir, config, read_rows(csv_path))
+            bar.update(1)
+    finally:
+        bar.close()
+    if main:
+        rows = read_rows(csv_path)
+        write_reports(save_dir, config, rows)
+    return rows

@@ -77,17 +77,21 @@ def test_good_anchors_are_kept() -> None:
     assert torch.equal(before, det.anchors)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_kmean_anchors_fit_a_coco_like_long_tail(seed: int) -> None:
-    """Log-normal box sizes with many tiny boxes (as COCO at 320 px): every box < 8 px stays matchable and the
-    fitness beats a linear-size k-means (which spent its clusters on the large tail: 76 % / 88 % of the tiny boxes
-    matchable, fitness 0.695 / 0.717 for seeds 0 / 1)."""
-    rng = np.random.default_rng(0)
-    wh = (np.exp(rng.normal(np.log(30), 1.1, size=(1000, 1))) * np.exp(rng.normal(0, 0.35, size=(1000, 2)))).clip(1, 320)
-    k = kmean_anchors(wh, 9, 4.0, seed=seed)
-    assert k.shape == (9, 2) and (np.diff(k.prod(1)) >= 0).all()  # sorted by area, small to large
-    small = wh[wh.max(1) < 8]
-    assert len(small) > 50
-    assert anchor_metrics(k, small, 4.0)[0] == 1.0
-    assert anchor_metrics(k, wh, 4.0)[0] >= 0.995
-    assert _fitness(k, wh, 4.0) > 0.725
+def test_kmean_anchors_on_coco128_cover_the_large_objects_as_yolov5s(coco128_dir) -> None:
+    """YOLOv5's recipe (whitened k-means + evolution) on coco128 at 320 px. Its own run found
+    5,6 11,12 26,28 | 68,44 46,81 70,151 | 131,117 178,207 269,176: BPR 0.992, fitness 0.668 by our metric, the three
+    P5 anchors 178 px on average (geometric mean of the sides). A log-size k-means gave a higher fitness (0.69) by
+    shrinking P5 to 54, 75 and 172 px (mean 100), which changed the from-scratch training (docs/training.md)."""
+    from data.loader import create_dataloader, load_data_config
+
+    cfg = load_data_config(ROOT / "cfg" / "data" / "coco128.yaml")
+    cfg["path"] = str(coco128_dir)
+    _, ds = create_dataloader(cfg, "train", 320, 16, augment=False, workers=0, shuffle=False)
+    wh = label_wh(ds, 320, seed=0)
+    for seed in (0, 1):
+        k = kmean_anchors(wh, 9, 4.0, seed=seed)
+        assert k.shape == (9, 2) and (np.diff(k.prod(1)) >= 0).all()  # sorted by area, small to large
+        assert anchor_metrics(k, wh, 4.0)[0] >= 0.99
+        assert _fitness(k, wh[(wh >= 2).any(1)], 4.0) >= 0.66
+        p5 = np.sqrt(k[-3:].prod(1)).mean()
+        assert p5 >= 130, f"seed {seed}: P5 anchors average {p5:.0f} px"

@@ -49,7 +49,7 @@ def collect(out: Path) -> list[dict]:
 def summary_table(runs: list[dict]) -> list[str]:
     lines = ["| run | epochs | final mAP50 | final mAP50-95 | best epoch (by mAP50-95) | pycocotools on the final "
              "weights (official JSON): mAP50 / mAP50-95 |", "|---|---|---|---|---|---|"]
-    groups: dict[str, list[tuple[float, float]]] = {}
+    groups: dict[str, list[tuple[float, float, int]]] = {}
     for r in runs:
         if not r["curve"]:
             continue
@@ -59,9 +59,9 @@ def summary_table(runs: list[dict]) -> list[str]:
         lines.append(f"| {r['name']} | {len(r['curve'])} | {f50:.4f} | {f5095:.4f} | {best}: "
                      f"{r['curve'][best][0]:.4f} / {r['curve'][best][1]:.4f} | {sc} |")
         key = r["name"].rsplit("_s", 1)[0]  # normyolo_s0, normyolo_s1 -> normyolo
-        groups.setdefault(key, []).append((f50, f5095))
+        groups.setdefault(key, []).append((f50, f5095, len(r["curve"])))
     for key, vals in groups.items():
-        if len(vals) > 1:
+        if len(vals) > 1 and len({v[2] for v in vals}) == 1:  # a mean only over runs of the same length
             lines.append(f"| **{key}, mean of {len(vals)} seeds** | | **{statistics.mean(v[0] for v in vals):.4f}** | "
                          f"**{statistics.mean(v[1] for v in vals):.4f}** | | |")
     return lines
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/peer_coco128", help="the --out folder of peer_coco128.sh")
     ap.add_argument("--every", type=int, default=10, help="curve table: every N-th epoch (and the last)")
+    ap.add_argument("--plot", default="", help="also draw every run's mAP50 and mAP50-95 curves into this PNG")
     opt = ap.parse_args(argv)
     out = Path(opt.out)
     if not out.is_dir():
@@ -94,7 +95,31 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(summary_table(runs)))
     print("\nmAP50 / mAP50-95 by epoch (0-based; NormYOLO: pycocotools, YOLOv5: its own evaluator)\n")
     print("\n".join(curve_table(runs, max(opt.every, 1))))
+    if opt.plot:
+        plot_curves(runs, Path(opt.plot))
     return 0
+
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+    """Two panels (mAP50, mAP50-95 against epoch), one line per run; NormYOLO solid, YOLOv5 dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in runs:
+        style = "--" if r["program"] == "yolov5" else "-"
+        for ax, col in zip(axes, (0, 1)):
+            ax.plot([c[col] for c in r["curve"]], style, label=r["name"], linewidth=1.2)
+    for ax, title in zip(axes, ("mAP50", "mAP50-95")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -29,20 +29,17 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2, help="timed passes over the data (after one warm-up pass)")
     p.add_argument("--max-batches", type=int, default=0, help="cap batches per pass (0: whole split)")
-    p.add_argument("--workers", type=int, default=-1, help="default: as train.py (half the cores, 1-8)")
+    p.add_argument("--workers", type=int, default=-1, help="default: as train.py (engine.config.default_workers)")
     p.add_argument("--device", default="")
+    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="as train.py's --amp")
     p.add_argument("--hyp", default=str(ROOT / "cfg" / "hyp" / "scratch.yaml"))
     return p.parse_args(argv)
-
-
-def default_data() -> str:
-    coco128 = ROOT.parent / "shared" / "coco128" / "images" / "train2017"
-    return str(ROOT / "cfg" / "data" / ("coco128.yaml" if coco128.is_dir() else "synthetic.yaml"))
 
 
 def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     from data.loader import load_data_config
+    from engine.throughput import default_data, train_throughput
     from utils.general import ConfigError, select_device, setup_logging
     from utils.hyp import load_hyp
 
@@ -56,17 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from engine.config import default_workers  # the same thread / worker layout as training
     from engine.fit import set_cpu_threads
-    from engine.throughput import train_throughput
 
     if opt.workers < 0:
-        opt.workers = default_workers()
+        opt.workers = default_workers(device.type)
     if device.type == "cpu":
         set_cpu_threads()
     rows = [train_throughput(n, opt.cfg, data_cfg, hyp, device, img=opt.img, batch_size=opt.batch_size,
-                             epochs=opt.epochs, workers=opt.workers, max_batches=opt.max_batches) for n in opt.norms]
+                             epochs=opt.epochs, workers=opt.workers, max_batches=opt.max_batches,
+                             amp=opt.amp) for n in opt.norms]
     print(f"\ntrain speed: {Path(data_cfg['yaml_file']).name}, {opt.img} px, batch {opt.batch_size}, mosaic "
           f"{hyp.get('mosaic', 0)}, {opt.workers} workers, {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, amp {rows[0]['amp']}")
     print(f"| {'norm':<10} | {'images/s':>9} | {'ms/image':>9} | {'time vs ' + rows[0]['norm']:>12} |")
     print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 14}|")
     for r in rows:

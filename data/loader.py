@@ -73,7 +73,7 @@ def load_data_config(path: str | Path) -> dict[str, Any]:
     A relative ``path:`` resolves against the repository root (like YOLOv5); split entries resolve against
     ``path``. A bare name such as ``coco128.yaml`` is also looked up in cfg/data/. Returns the YAML's keys plus
     ``path`` (absolute str), ``train`` / ``val`` (/ ``test``) absolute, ``names`` list, ``nc``, ``format`` and, for
-    COCO, ``<split>_images`` folders.
+    COCO, ``<split>_images`` folders. An optional ``cache: ram`` is the dataset's default for train.py's ``--cache``.
     """
     p = Path(path)
     if not p.is_file() and not p.is_absolute() and (ROOT / "cfg" / "data" / p).is_file():
@@ -97,6 +97,8 @@ def load_data_config(path: str | Path) -> dict[str, Any]:
     fmt = d.get("format") or ("coco" if str(d.get("train", d.get("val"))).endswith(".json") else "yolo")
     if fmt not in ("yolo", "coco"):
         raise ConfigError(f"{p}: key 'format' expected 'yolo' or 'coco', got {fmt!r}")
+    if d.get("cache") not in (None, False, "ram"):
+        raise ConfigError(f"{p}: key 'cache' expected 'ram' or false, got {d['cache']!r}")
     out = dict(d, path=str(root), format=fmt, yaml_file=str(p))
     for s in SPLITS:
         if d.get(s):

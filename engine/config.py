@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from engine.amp import AMP_MODES
 from engine.checkpoint import load_checkpoint
 from engine.optim import NOMINAL_BATCH
 from utils.general import ROOT, ConfigError
@@ -20,10 +21,15 @@ DEFAULT_CFG = str(ROOT / "cfg" / "models" / "yolo-n-bn.yaml")
 DEFAULT_HYP = str(ROOT / "cfg" / "hyp" / "synthetic.yaml")
 
 
-def default_workers() -> int:
-    """Half the cores, 1 to 8. Loading is ~1/5 of a step's CPU time, so on 2 cores one worker keeps up, and a
-    second one mostly preempts the intra-op threads (measured: 2 threads + 1 worker was the fastest layout)."""
-    return min(8, max(1, (os.cpu_count() or 1) // 2))
+def default_workers(device_type: str = "cpu") -> int:
+    """Loader worker processes for ``--workers -1`` (auto): half the cores, 1 to 8, except 0 for CPU training on a
+    machine with 2 cores or fewer. There a worker process preempts one of the two compute threads, and the other
+    spins at every parallel region's barrier: with bfloat16 training the step's forward took 137 ms instead of 83
+    with the same batches loaded in the main process, and the step 361 vs 327 ms (docs/training.md#speed)."""
+    cores = os.cpu_count() or 1
+    if device_type == "cpu" and cores <= 2:
+        return 0
+    return min(8, max(1, cores // 2))
 
 
 @dataclass
@@ -41,7 +47,7 @@ class TrainConfig:
     nbs: int = NOMINAL_BATCH
     img: int = 320
     device: str = ""
-    workers: int = field(default_factory=default_workers)
+    workers: int = -1
     project: str = "runs/train"
     name: str = "exp"
     exist_ok: bool = False
@@ -58,6 +64,7 @@ class TrainConfig:
     close_mosaic: int | None = None
     noautoanchor: bool = False
     nonfinite_limit: int = 10
+    amp: str = "auto"
     save_dir: str = ""
 
     @classmethod
@@ -86,7 +93,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="nominal batch: gradients are accumulated up to this many images per optimizer step")
     p.add_argument("--img", "--img-size", "--imgsz", dest="img", type=int, default=d.img, help="train / val size (px)")
     p.add_argument("--device", default="", help="cpu, 0 or 0,1 (default: GPU 0 when present, else cpu)")
-    p.add_argument("--workers", type=int, default=d.workers, help="dataloader workers per process")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="dataloader workers per process (-1: auto, see engine.config.default_workers)")
     p.add_argument("--project", default=d.project, help="runs go to project/name")
     p.add_argument("--name", default=d.name)
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of making exp2, exp3, ...")
@@ -100,8 +108,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default=None, choices=["SGD", "AdamW"],
                    help="default: the hyp file's 'optimizer' key, else SGD")
     p.add_argument("--sync-bn", action="store_true", help="DDP: convert BatchNorm to SyncBatchNorm")
-    p.add_argument("--cache", nargs="?", const="ram", default=None, choices=["ram", "disk"],
-                   help="cache decoded images in RAM ('disk' is refused: not implemented)")
+    p.add_argument("--cache", nargs="?", const="ram", default=None, choices=["ram", "off", "disk"],
+                   help="cache decoded images in RAM; default: the data YAML's 'cache' key, else off "
+                        "('disk' is refused: not implemented)")
     p.add_argument("--noval", action="store_true", help="validate only after the final epoch")
     p.add_argument("--save-period", type=int, default=d.save_period, help="also save weights/epochN.pt every N epochs")
     p.add_argument("--close-mosaic", type=int, default=None,
@@ -109,6 +118,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--noautoanchor", action="store_true", help="keep the model's anchors as they are")
     p.add_argument("--nonfinite-limit", type=int, default=d.nonfinite_limit,
                    help="stop after this many non-finite losses in a row")
+    p.add_argument("--amp", default=d.amp, choices=AMP_MODES,
+                   help="mixed precision: float16 on CUDA, bfloat16 on CPUs with AMX / AVX512-BF16 (auto), or off")
     return p
 
 
@@ -152,11 +163,11 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"--img {cfg.img}: expected a multiple of 32 (the largest stride), e.g. 320 or 640")
     if cfg.nbs < 1:
         raise ConfigError(f"--nbs {cfg.nbs}: expected a positive nominal batch (64 by default)")
-    if cfg.workers < 0:
-        raise ConfigError(f"--workers {cfg.workers}: expected 0 or more")
+    if cfg.workers < -1:
+        raise ConfigError(f"--workers {cfg.workers}: expected 0 or more (or -1 for auto)")
     if cfg.close_mosaic is not None and cfg.close_mosaic < 0:
         raise ConfigError(f"--close-mosaic {cfg.close_mosaic}: expected 0 or more epochs")
-    if cfg.cache not in (None, False, "ram"):  # no disk cache: refused rather than silently cached in RAM
+    if cfg.cache not in (None, False, "ram", "off"):  # no disk cache: refused rather than silently cached in RAM
         raise ConfigError(f"--cache {cfg.cache}: not implemented; use --cache ram (or no cache)")
     paths = {}
     for flag, folder in (() if cfg.resume else (("cfg", "models"), ("hyp", "hyp"))):  # resume: from the ckpt

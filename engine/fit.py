@@ -13,9 +13,10 @@ import torch.nn as nn
 import yaml
 
 from data.loader import build_loader, create_dataloader, load_data_config
+from engine.amp import autocast_dtype
 from engine.autoanchor import check_anchors
 from engine.checkpoint import all_finite, load_checkpoint, model_state, save_checkpoint
-from engine.config import TrainConfig, check_config, resolve_resume
+from engine.config import TrainConfig, check_config, default_workers, resolve_resume
 from engine.ema import ModelEMA
 from engine.evaluate import evaluate
 from engine.loop import TrainingDiverged, train_one_epoch
@@ -88,8 +89,13 @@ class Run:
         return self.env.is_main
 
     @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The training autocast dtype (engine.amp): float16 on CUDA, bfloat16 on a bf16 CPU, None = float32."""
+        return autocast_dtype(self.cfg.amp, self.device)
+
+    @property
     def amp(self) -> bool:
-        return self.device.type == "cuda"
+        return self.amp_dtype is not None
 
     @property
     def wdir(self) -> Path:
@@ -110,6 +116,8 @@ def setup(cfg: TrainConfig) -> tuple[TrainConfig, DistEnv, torch.device]:
     device = select_device(cfg.device)
     if device.type == "cpu":
         set_cpu_threads()
+    if cfg.workers < 0:
+        cfg = replace(cfg, workers=default_workers(device.type))
     if env.world_size > 1:
         if cfg.batch_size % env.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size}: must be a multiple of the {env.world_size} processes")
@@ -165,14 +173,15 @@ def build_model(cfg: TrainConfig, nc: int, names: list[str], ckpt: dict | None) 
 def build_data(run: Run, data_cfg: dict[str, Any]) -> None:
     """Train loader on every rank (rank 0 builds any cache first), val loader on rank 0, AutoAnchor."""
     cfg, env = run.cfg, run.env
+    cache = (data_cfg.get("cache") == "ram") if cfg.cache is None else (cfg.cache == "ram")  # the flag wins
     with du.zero_first(env.rank):
         run.train_loader, run.train_set = create_dataloader(
             data_cfg, "train", cfg.img, run.per_rank_batch, augment=True, hyp=run.hyp, workers=cfg.workers,
-            seed=cfg.seed, rank=env.rank, world_size=env.world_size, cache=cfg.cache or False, shuffle=True)
+            seed=cfg.seed, rank=env.rank, world_size=env.world_size, cache=cache, shuffle=True)
     if run.main:
         run.val_loader, run.val_set = create_dataloader(
             data_cfg, "val", cfg.img, run.per_rank_batch * 2, augment=False, hyp=run.hyp, workers=cfg.workers,
-            seed=cfg.seed, cache=cfg.cache or False, shuffle=False)
+            seed=cfg.seed, cache=cache, shuffle=False)
     if run.ckpt is None and not cfg.noautoanchor and run.main:
         check_anchors(run.model, run.train_set, thr=run.hyp["anchor_t"], img_size=cfg.img, seed=cfg.seed)
 
@@ -190,7 +199,7 @@ def build_optimization(run: Run) -> None:
     run.optimizer = build_optimizer(model, cfg.optimizer, run.hyp["lr0"], run.hyp["momentum"],
                                     scaled_weight_decay(run.hyp["weight_decay"], cfg.batch_size, cfg.nbs))
     run.ema = ModelEMA(model)
-    run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp)
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
     if run.ckpt is not None:
         restore(run, run.ckpt)
     run.ema.update_attr(model)
@@ -211,7 +220,7 @@ def restore(run: Run, ckpt: dict[str, Any]) -> None:
                           f"groups ({e}); start a new run with --weights {run.cfg.resume} instead") from None
     run.ema.ema.load_state_dict(ckpt["ema"])
     run.ema.updates = int(ckpt["updates"])
-    if ckpt.get("scaler") and run.amp:
+    if ckpt.get("scaler") and run.scaler.is_enabled():
         run.scaler.load_state_dict(ckpt["scaler"])
     run.best_fitness = float(ckpt["best_fitness"])
     LOGGER.info(f"Resuming {run.cfg.resume} at epoch {run.start_epoch} of {run.cfg.epochs}")
@@ -297,6 +306,7 @@ def train_epochs(run: Run) -> dict[str, Any]:
             close_mosaic(run, epoch, close_at)
         res = train_one_epoch(run.model, run.train_loader, run.compute_loss, run.optimizer, run.schedule, run.ema,
                               run.scaler, run.device, epoch, cfg.epochs, img_size=cfg.img, amp=run.amp,
+                              amp_dtype=run.amp_dtype,
                               main=run.main, world_size=run.env.world_size, nonfinite_limit=cfg.nonfinite_limit,
                               accum=accum, flush=epoch == cfg.epochs - 1, names=run.names,
                               plot_path=Path(cfg.save_dir) / "train_batch0.jpg" if run.main and epoch == 0 else None)

@@ -26,7 +26,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   ema: ModelEMA | None, *, amp: bool, reduce: bool = False) -> int:
+                   ema: ModelEMA | None, *, reduce: bool = False) -> int:
     """Apply the accumulated gradients: clip to GRAD_CLIP, step (unless non-finite), update the EMA, zero them.
     ``reduce``: average the gradients over the ranks first (they came from ``no_sync()`` passes only).
     Returns 1 when the optimizer stepped, else 0."""
@@ -36,7 +36,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=GRAD_CLIP)
     finite = bool(torch.isfinite(norm))  # identical on every rank (gradients were all-reduced)
     stepped = 0
-    if finite or amp:  # under AMP the scaler skips the step itself and lowers its scale
+    if finite or scaler.is_enabled():  # a float16 scaler skips the step itself and lowers its scale
         scaler.step(optimizer)
         stepped = 1
     if finite and ema is not None:
@@ -87,6 +87,7 @@ def _memory_gb(device: torch.device) -> float:
 def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, optimizer: torch.optim.Optimizer,
                     schedule: Schedule, ema: ModelEMA | None, scaler: torch.amp.GradScaler, device: torch.device,
                     epoch: int, epochs: int, *, img_size: int, amp: bool, main: bool, world_size: int = 1,
+                    amp_dtype: torch.dtype | None = None,
                     nonfinite_limit: int = 10, accum: dict[str, int] | None = None,
                     flush: bool = True, plot_path: Path | None = None, names: list[str] | None = None
                     ) -> dict[str, Any]:
@@ -97,7 +98,8 @@ def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, op
     batches accumulated since) to every epoch; gradients left at an epoch's end carry into the next one.
     ``flush=True`` (the final epoch) steps on whatever is pending at the end. A batch whose loss is non-finite on any
     rank is skipped everywhere; ``nonfinite_limit`` in a row raise :class:`TrainingDiverged`. ``plot_path``: save
-    the first batch with its labels there (what augmentation made).
+    the first batch with its labels there (what augmentation made). ``amp``: autocast forward and loss in
+    ``amp_dtype`` (None: the device's default, float16 on CUDA, bfloat16 on CPU; see engine.amp).
 
     Returns ``{'loss': [box, obj, cls] means, 'images', 'time_s', 'nonfinite', 'lr': [per group], 'steps'}``.
     """
@@ -120,7 +122,7 @@ def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, op
             plot_batch(imgs, targets_per_image(targets, len(imgs), imgs.shape[2], imgs.shape[3]),
                        names or [], plot_path, _paths)
         step_now = ni - last_step >= schedule.accumulate or (flush and i == nb - 1)
-        with torch.autocast(device_type=device.type, enabled=amp):
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
             preds = model(imgs)
             loss, items = compute_loss(preds, targets)
         bad = du.all_reduce_flag(not bool(torch.isfinite(loss).all()), device)
@@ -135,7 +137,7 @@ def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, op
         n_images += imgs.shape[0]
         if step_now:
             if pending:  # nothing to apply when every batch since the last step was skipped
-                steps += optimizer_step(model, optimizer, scaler, ema, amp=amp, reduce=ddp and bad)
+                steps += optimizer_step(model, optimizer, scaler, ema, reduce=ddp and bad)
             last_step, pending = ni, 0
         if main:
             bar.set_description(bar_description(epoch, epochs, _memory_gb(device), mloss.tolist(),

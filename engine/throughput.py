@@ -8,12 +8,20 @@ from typing import Any, Iterator
 import torch
 
 from data.loader import create_dataloader
+from engine.amp import autocast_dtype
 from engine.ema import ModelEMA
 from engine.loop import train_one_epoch
 from engine.optim import Schedule, build_optimizer, scaled_weight_decay
 from models.loss import ComputeLoss
 from models.yolo import Model
+from utils.general import ROOT
 from utils.timing import sync
+
+
+def default_data() -> str:
+    """The benchmarks' dataset: coco128 when ../shared/coco128 exists beside the repository, else the built-in data."""
+    coco128 = ROOT.parent / "shared" / "coco128" / "images" / "train2017"
+    return str(ROOT / "cfg" / "data" / ("coco128.yaml" if coco128.is_dir() else "synthetic.yaml"))
 
 
 class Capped:
@@ -33,10 +41,11 @@ class Capped:
 
 
 def train_throughput(norm: str, cfg: str, data_cfg: dict[str, Any], hyp: dict[str, Any], device: torch.device, *,
-                     img: int, batch_size: int, epochs: int, workers: int, max_batches: int = 0) -> dict[str, Any]:
+                     img: int, batch_size: int, epochs: int, workers: int, max_batches: int = 0,
+                     amp: str = "auto") -> dict[str, Any]:
     """Images/s over ``epochs`` timed passes (after one untimed warm-up pass) of the model ``cfg`` with ``norm``.
 
-    Returns ``{'norm', 'images', 'seconds', 'images_per_s', 'params'}``.
+    ``amp``: train.py's ``--amp`` mode. Returns ``{'norm', 'images', 'seconds', 'images_per_s', 'params', 'amp'}``.
     """
     torch.manual_seed(0)
     loader, _ = create_dataloader(data_cfg, "train", img, batch_size, augment=True, hyp=hyp, workers=workers, seed=0,
@@ -50,17 +59,17 @@ def train_throughput(norm: str, cfg: str, data_cfg: dict[str, Any], hyp: dict[st
                             scaled_weight_decay(hyp["weight_decay"], batch_size))
     passes = epochs + 1
     schedule = Schedule(hyp, passes, len(loader), batch_size)
-    ema, amp = ModelEMA(model), device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    ema, dtype = ModelEMA(model), autocast_dtype(amp, device)  # as train.py's --amp
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss = ComputeLoss(model, hyp, img)
     images, secs = 0, 0.0
     for epoch in range(passes):
         t0 = time.perf_counter()
         res = train_one_epoch(model, loader, loss, optim, schedule, ema, scaler, device, epoch, passes,
-                              img_size=img, amp=amp, main=True)
+                              img_size=img, amp=dtype is not None, amp_dtype=dtype, main=True)
         sync(device)
         if epoch > 0:  # the first pass warms up workers, allocator and oneDNN kernels
             images += res["images"]
             secs += time.perf_counter() - t0
     return {"norm": norm, "images": images, "seconds": secs, "images_per_s": images / secs,
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), "amp": str(dtype).replace("torch.", "") if dtype else "off"}

@@ -34,7 +34,7 @@ def test_given_flags_only_returns_what_was_named() -> None:
 
 @pytest.mark.parametrize("change, message", [
     ({"epochs": 0}, "--epochs 0"), ({"batch_size": 0}, "--batch-size 0"), ({"img": 100}, "--img 100"),
-    ({"nbs": 0}, "--nbs 0"), ({"workers": -1}, "--workers -1"), ({"close_mosaic": -2}, "--close-mosaic -2"),
+    ({"nbs": 0}, "--nbs 0"), ({"workers": -2}, "--workers -2"), ({"close_mosaic": -2}, "--close-mosaic -2"),
     ({"cache": "disk"}, "--cache disk: not implemented"), ({"cfg": "nope.yaml"}, "--cfg nope.yaml: file not found"),
 ])
 def test_check_config_rejects_with_the_flag_name(change: dict, message: str) -> None:

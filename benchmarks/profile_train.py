@@ -1,0 +1,113 @@
+"""Where a training step's time goes: data wait, forward, loss, backward, optimizer step + EMA (ms per batch), then
+torch.profiler's top operators by self CPU time.
+
+    python benchmarks/profile_train.py                     # coco128 (or the built-in data), n model, BN, 320 px, b16
+    python benchmarks/profile_train.py --norm gn:C/16 --batches 24 --top 15
+
+The phases are timed with the same loader, model, loss, optimizer and EMA as training (``engine.throughput``'s
+pieces); the first ``--warmup`` batches are not counted. docs/training.md quotes its output before and after the
+speed work.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PHASES = ("data", "forward", "loss", "backward", "step+ema")
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="", help="dataset YAML (default: coco128 when present, else synthetic)")
+    p.add_argument("--cfg", default=str(ROOT / "cfg" / "models" / "yolo-n-bn.yaml"))
+    p.add_argument("--norm", default="bn")
+    p.add_argument("--img", type=int, default=320)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batches", type=int, default=16, help="timed batches (after --warmup)")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--workers", type=int, default=-1, help="default: as train.py")
+    p.add_argument("--top", type=int, default=12, help="operator rows of the profiler table (0: skip the profiler)")
+    p.add_argument("--cache", action="store_true", help="decode the images into RAM first (train.py --cache)")
+    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="as train.py's --amp")
+    p.add_argument("--hyp", default=str(ROOT / "cfg" / "hyp" / "scratch.yaml"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = parse_opt(argv)
+    from data.loader import create_dataloader, load_data_config
+    from engine.amp import autocast_dtype
+    from engine.config import default_workers
+    from engine.ema import ModelEMA
+    from engine.fit import set_cpu_threads
+    from engine.throughput import default_data
+    from engine.optim import build_optimizer
+    from models.loss import ComputeLoss
+    from models.yolo import Model
+    from utils.general import setup_logging
+    from utils.hyp import load_hyp
+
+    setup_logging(verbose=False)
+    set_cpu_threads()
+    data_cfg, hyp = load_data_config(opt.data or default_data()), load_hyp(opt.hyp)
+    workers = default_workers() if opt.workers < 0 else opt.workers
+    loader, _ = create_dataloader(data_cfg, "train", opt.img, opt.batch_size, augment=True, hyp=hyp,
+                                  workers=workers, seed=0, shuffle=True, cache=opt.cache)
+    torch.manual_seed(0)
+    model = Model(opt.cfg, nc=int(data_cfg["nc"]), norm=opt.norm).to(memory_format=torch.channels_last).train()
+    optim, ema = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], 5e-4), ModelEMA(model)
+    compute_loss = ComputeLoss(model, hyp, opt.img)
+    total, dtype = dict.fromkeys(PHASES, 0.0), autocast_dtype(opt.amp, torch.device("cpu"))
+    n, it = 0, iter(_forever(loader))
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if opt.top else None
+    for i in range(opt.warmup + opt.batches):
+        if i == opt.warmup and prof is not None:
+            prof.__enter__()
+        t = [time.perf_counter()]
+        imgs, targets = next(it)[:2]
+        imgs = imgs.float().div_(255) if imgs.dtype == torch.uint8 else imgs
+        t.append(time.perf_counter())
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            preds = model(imgs)
+            t.append(time.perf_counter())
+            loss, _ = compute_loss(preds, targets)
+        t.append(time.perf_counter())
+        loss.backward()
+        t.append(time.perf_counter())
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        ema.update(model)
+        t.append(time.perf_counter())
+        if i >= opt.warmup:
+            n += 1
+            for k, a, b in zip(PHASES, t, t[1:]):
+                total[k] += b - a
+    if prof is not None:
+        prof.__exit__(None, None, None)
+    step = sum(total.values())
+    print(f"\nprofile: {Path(data_cfg['yaml_file']).name}, {opt.img} px, batch {opt.batch_size}, norm {opt.norm}, "
+          f"{workers} workers, cache {opt.cache}, {torch.get_num_threads()} threads, amp {dtype}, {n} batches: {1000 * step / n:.0f} ms/batch, "
+          f"{n * opt.batch_size / step:.1f} images/s")
+    print("| phase | ms/batch | share |\n|---|---:|---:|")
+    for k in PHASES:
+        print(f"| {k} | {1000 * total[k] / n:.1f} | {100 * total[k] / step:.1f} % |")
+    if prof is not None:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=opt.top, max_name_column_width=40))
+    return 0
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,7 +43,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--img", type=int, help=f"train and val image size in pixels (default {DEFAULTS['img']})")
     p.add_argument("--hyp", default=None, help="hyper-parameter YAML for train.py (default: train.py's own)")
     p.add_argument("--device", default="", help="cpu, 0 or 0,1 (as train.py)")
-    p.add_argument("--workers", type=int, default=2, help="dataloader workers per run")
+    p.add_argument("--workers", type=int, default=-1, help="dataloader workers per run (-1: as train.py's auto)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes per run: each cell becomes a torchrun job (gloo on CPU) with the cell's batch per "
+                        "process, so syncbn normalises over nproc x batch images and bn over batch")
     p.add_argument("--train-args", default="",
                    help="extra train.py flags for every run, written with '=': --train-args='--cos-lr --cache ram'")
     p.add_argument("--project", default=str(ROOT / "runs/compare"))

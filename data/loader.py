@@ -44,7 +44,7 @@ def _ensure_synthetic(root: Path, spec: Any, yaml_file: Path) -> None:
         return
     if not isinstance(spec, dict):
         raise ConfigError(f"{yaml_file}: key 'synthetic' expected a mapping (seed, train, val)")
-    from data.synthetic import generate  # imported lazily: only needed the first time
+    from data.synthetic import VARIANTS, generate  # imported lazily: only needed the first time
 
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f".{root.name}.lock", "w") as lock:
@@ -58,8 +58,12 @@ def _ensure_synthetic(root: Path, spec: Any, yaml_file: Path) -> None:
             return
         LOGGER.info(f"generating the built-in dataset into {root} (first use only)")
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        variant = str(spec.get("variant", "default"))
+        if variant not in VARIANTS:
+            raise ConfigError(f"{yaml_file}: key 'synthetic.variant' expected one of {', '.join(VARIANTS)}, "
+                              f"got {variant!r}")
         generate(tmp, seed=int(spec.get("seed", 0)), n_train=int(spec.get("train", 2000)),
-                 n_val=int(spec.get("val", 500)))
+                 n_val=int(spec.get("val", 500)), variant=variant)
         if root.exists():  # a half-written folder from an older interrupted run
             import shutil
 

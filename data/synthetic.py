@@ -24,6 +24,14 @@ CLASSES = ["circle", "square", "triangle", "star", "cross", "ring", "hexagon", "
 SIZES = [(320, 320), (352, 352), (384, 384), (416, 416), (416, 320), (320, 416), (384, 288), (288, 384), (416, 288)]
 SCALE_BINS = [(0.30, 11, 28), (0.50, 34, 90), (0.20, 100, 200)]  # (probability, min, max box side px)
 SPLITS = {"train": 0, "val": 1}
+# Variants: "default" is the built-in dataset above. "study" is the BN-vs-GN study's smaller, easier variant
+# (compare.py --preset gn-paper): 192-256 px images, objects of COCO medium size and up only, at most 5 per image,
+# lighter clutter, so short runs get far enough to compare norms. Same classes, renderer and randomness.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {"sizes": SIZES, "bins": SCALE_BINS, "objects": (1, 9), "clutter": (3, 12)},
+    "study": {"sizes": [(224, 224), (256, 256), (256, 192), (192, 256), (224, 192), (192, 224)],
+              "bins": [(0.55, 32, 72), (0.45, 72, 150)], "objects": (1, 6), "clutter": (1, 5)},
+}
 
 
 def _ngon(n: int, r: float = 1.0, start: float = -np.pi / 2) -> np.ndarray:
@@ -123,18 +131,20 @@ def _colour_against(rng: np.random.Generator, bg_mean: np.ndarray) -> np.ndarray
     return c
 
 
-def render_image(seed: int, split: str, index: int) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
+def render_image(seed: int, split: str, index: int, variant: str = "default"
+                 ) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
     """One image (BGR uint8) and its objects as (class index, [x, y, w, h]) in pixels."""
+    v = VARIANTS[variant]
     rng = np.random.default_rng([seed, SPLITS[split], index])
-    w, h = SIZES[int(rng.integers(len(SIZES)))]
+    w, h = v["sizes"][int(rng.integers(len(v["sizes"])))]
     img = _background(rng, h, w)
-    _clutter(rng, img, int(rng.integers(3, 12)))
+    _clutter(rng, img, int(rng.integers(*v["clutter"])))
     boxes: list[np.ndarray] = []
     objs = []
-    for _ in range(int(rng.integers(1, 9))):
+    for _ in range(int(rng.integers(*v["objects"]))):
         c = int(rng.integers(len(CLASSES)))
         p = rng.random()
-        lo, hi = next((lo, hi) for q, lo, hi in _cum_bins() if p < q)
+        lo, hi = next((lo, hi) for q, lo, hi in _cum_bins(v["bins"]) if p < q)
         side = float(np.exp(rng.uniform(np.log(lo), np.log(min(hi, 0.7 * min(h, w))))))
         asp = float(np.exp(rng.uniform(np.log(0.75), np.log(1.33))))
         rot = rng.uniform(0, 2 * np.pi)
@@ -162,11 +172,11 @@ def render_image(seed: int, split: str, index: int) -> tuple[np.ndarray, list[tu
     return img, objs
 
 
-def _cum_bins() -> list[tuple[float, int, int]]:
+def _cum_bins(bins: list[tuple[float, int, int]]) -> list[tuple[float, int, int]]:
     acc, out = 0.0, []
-    for q, lo, hi in SCALE_BINS:
+    for q, lo, hi in bins:
         acc += q
-        out.append((acc if len(out) < len(SCALE_BINS) - 1 else 1.01, lo, hi))
+        out.append((acc if len(out) < len(bins) - 1 else 1.01, lo, hi))
     return out
 
 
@@ -203,12 +213,12 @@ def _draw_object(rng: np.random.Generator, img: np.ndarray, polys: list[np.ndarr
         cv2.polylines(roi, ipolys, True, tuple(float(v) for v in col * 0.4), 1, cv2.LINE_AA, shift=4)
 
 
-def _render_chunk(args: tuple[int, str, list[int], str]) -> list[tuple[dict, list[tuple[int, list[float]]]]]:
-    seed, split, idxs, img_dir = args
+def _render_chunk(args: tuple[int, str, list[int], str, str]) -> list[tuple[dict, list[tuple[int, list[float]]]]]:
+    seed, split, idxs, img_dir, variant = args
     cv2.setNumThreads(1)
     out = []
     for i in idxs:
-        img, objs = render_image(seed, split, i)
+        img, objs = render_image(seed, split, i, variant)
         name = f"{split}_{i:06d}.jpg"
         quality = 85 + (i * 7919 + seed) % 11  # varied JPEG quality, still a pure function of (seed, index)
         cv2.imwrite(os.path.join(img_dir, name), img, [cv2.IMWRITE_JPEG_QUALITY, quality])
@@ -216,8 +226,12 @@ def _render_chunk(args: tuple[int, str, list[int], str]) -> list[tuple[dict, lis
     return out
 
 
-def generate(out: str | Path, seed: int = 0, n_train: int = 2000, n_val: int = 500, workers: int = 2) -> dict[str, Any]:
-    """Write images/{train,val}/*.jpg and annotations/instances_{train,val}.json under ``out``; returns counts."""
+def generate(out: str | Path, seed: int = 0, n_train: int = 2000, n_val: int = 500, workers: int = 2,
+             variant: str = "default") -> dict[str, Any]:
+    """Write images/{train,val}/*.jpg and annotations/instances_{train,val}.json under ``out``; returns counts.
+    ``variant``: a key of VARIANTS."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown synthetic variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     out = Path(out)
     stats: dict[str, Any] = {}
     # spawn, not fork: forking a process whose OpenCV / OpenMP thread pools already ran can deadlock the child
@@ -227,7 +241,7 @@ def generate(out: str | Path, seed: int = 0, n_train: int = 2000, n_val: int = 5
         for split, n in (("train", n_train), ("val", n_val)):
             img_dir = out / "images" / split
             img_dir.mkdir(parents=True, exist_ok=True)
-            chunks = [(seed, split, list(range(a, min(a + 25, n))), str(img_dir)) for a in range(0, n, 25)]
+            chunks = [(seed, split, list(range(a, min(a + 25, n))), str(img_dir), variant) for a in range(0, n, 25)]
             images, anns = [], []
             with tqdm(total=n, desc=f"synthetic {split}", unit="img") as bar:
                 for res in (pool.imap if pool else map)(_render_chunk, chunks):  # ordered: deterministic JSON
@@ -257,10 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", type=int, default=2000, help="number of train images")
     ap.add_argument("--val", type=int, default=500, help="number of val images")
     ap.add_argument("--workers", type=int, default=2, help="processes")
+    ap.add_argument("--variant", default="default", choices=sorted(VARIANTS), help="default, or the study's variant")
     a = ap.parse_args(argv)
     if a.train < 0 or a.val < 0 or a.train + a.val == 0:
         ap.error("--train / --val: expected non-negative counts, not both zero")
-    print(json.dumps(generate(a.out, a.seed, a.train, a.val, a.workers)))
+    print(json.dumps(generate(a.out, a.seed, a.train, a.val, a.workers, a.variant)))
 
 
 if __name__ == "__main__":

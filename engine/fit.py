@@ -16,7 +16,7 @@ from data.loader import build_loader, create_dataloader, load_data_config
 from engine.amp import autocast_dtype
 from engine.autoanchor import check_anchors
 from engine.checkpoint import all_finite, load_checkpoint, model_state, save_checkpoint
-from engine.config import TrainConfig, check_config, default_workers, resolve_resume
+from engine.config import TrainConfig, check_config, default_workers, resolve_cache, resolve_resume
 from engine.ema import ModelEMA
 from engine.evaluate import evaluate
 from engine.loop import TrainingDiverged, train_one_epoch
@@ -173,7 +173,7 @@ def build_model(cfg: TrainConfig, nc: int, names: list[str], ckpt: dict | None) 
 def build_data(run: Run, data_cfg: dict[str, Any]) -> None:
     """Train loader on every rank (rank 0 builds any cache first), val loader on rank 0, AutoAnchor."""
     cfg, env = run.cfg, run.env
-    cache = (data_cfg.get("cache") == "ram") if cfg.cache is None else (cfg.cache == "ram")  # the flag wins
+    cache = resolve_cache(cfg.cache, data_cfg)
     with du.zero_first(env.rank):
         run.train_loader, run.train_set = create_dataloader(
             data_cfg, "train", cfg.img, run.per_rank_batch, augment=True, hyp=run.hyp, workers=cfg.workers,
@@ -233,8 +233,9 @@ def build_writers(run: Run) -> int:
     params = sum(p.numel() for p in de_parallel(run.model).parameters())
     if run.main:
         LOGGER.info(f"{params:,} parameters; {len(run.train_set)} train images, batch {cfg.batch_size} "
-                    f"(accumulate {run.schedule.max_accumulate} to nominal {cfg.nbs}), {cfg.img} px, {run.device}, "
-                    f"{cfg.epochs} epochs -> {cfg.save_dir}")
+                    f"(accumulate {run.schedule.max_accumulate} to nominal {cfg.nbs}), {cfg.img} px, {run.device} x "
+                    f"{run.env.world_size} process(es), amp {str(run.amp_dtype).replace('torch.', '')}, "
+                    f"{cfg.workers} loader workers, {cfg.epochs} epochs -> {cfg.save_dir}")
     return params
 
 

@@ -29,17 +29,17 @@ from engine.config import DEFAULT_HYP, TrainConfig, add_train_arguments, given_f
 from engine.optim import NOMINAL_BATCH
 from models.norm import parse_norm_spec
 from utils.dist import dist_env
-from utils.general import LOGGER, ConfigError, increment_path, load_yaml, write_text_atomic
+from utils.general import LOGGER, ROOT, ConfigError, increment_path, load_yaml, write_text_atomic
 
 # Ready-made studies. gn-paper: the Group Normalization paper's question (BN vs GN with 16 channels per group as the
-# per-step batch shrinks) on the built-in data. Sized for 16 runs in <= 60 min on 2 CPU cores: 768 images x 6 epochs
-# = 4,608 training images per run at 256 px, nominal batch 16 (288 optimizer steps; docs/compare.md has the
-# arithmetic and the timings it is based on). Both norms get the same settings; none was chosen by looking at results.
+# per-step batch shrinks) on the study variant of the built-in data (cfg/data/synthetic-study.yaml: 192-256 px
+# images, medium and large objects), sized for 18 runs in <= 60 min on 2 CPU cores: 2,000 images x EPOCHS epochs per
+# run at 224 px, nominal batch 16. Every cell has the same settings apart from the norm and the per-step batch;
+# docs/compare.md gives the arithmetic and how the length was chosen (not from BN-vs-GN differences).
 PRESETS: dict[str, dict[str, Any]] = {
     "gn-paper": {
-        "norms": ["bn", "gn:C/16"], "batch_sizes": [16, 8, 4, 2], "seeds": [0, 1], "epochs": 6, "img": 256,
-        "nbs": 16,
-        "train_images": 768, "val_images": 500,  # the first train images and the whole val split of the built-in set
+        "data": str(ROOT / "cfg" / "data" / "synthetic-study.yaml"), "norms": ["bn", "gn:C/16"], "batch_sizes": [16, 4, 2],
+        "seeds": [0, 1, 2], "epochs": 5, "img": 224, "nbs": 16,
     },
 }
 
@@ -76,10 +76,11 @@ class StudyConfig:
     img: int
     hyp: str | None = None
     device: str = ""
-    workers: int = 2
+    workers: int = -1  # train.py's auto layout (engine.config.default_workers)
     train_args: list[str] = field(default_factory=list)  # extra train.py flags, passed verbatim to every run
     infer_batch: int = 8  # images per forward when timing inference (a few batches after training)
     nbs: int = NOMINAL_BATCH  # nominal batch (images per optimizer step), the same in every cell
+    nproc: int = 1  # > 1: every cell is a torchrun job of nproc processes, each with the cell's batch
 
     def validate(self) -> None:
         """Raise ConfigError (one line) for an empty or duplicated grid or impossible numbers."""
@@ -92,11 +93,14 @@ class StudyConfig:
                 raise ConfigError(f"{name}: '{dup}' is listed twice")
         if self.nbs < 1:
             raise ConfigError(f"--nbs: expected a positive nominal batch, got {self.nbs}")
-        # accumulation rounds nbs / batch: only divisors keep the effective batch at exactly nbs in every cell
-        bad = [b for b in self.batch_sizes if b < 1 or b > self.nbs or self.nbs % b]
+        if self.nproc < 1:
+            raise ConfigError(f"--nproc: expected 1 or more processes, got {self.nproc}")
+        # accumulation rounds nbs / (nproc x batch): only divisors keep the effective batch at exactly nbs
+        bad = [b for b in self.batch_sizes if b < 1 or b * self.nproc > self.nbs or self.nbs % (b * self.nproc)]
         if bad:
-            divisors = ", ".join(str(d) for d in range(self.nbs, 0, -1) if self.nbs % d == 0)
-            raise ConfigError(f"--batch-sizes: {bad[0]} does not divide the nominal batch {self.nbs}, so the "
+            divisors = ", ".join(str(d) for d in range(self.nbs // self.nproc, 0, -1) if self.nbs % (d * self.nproc) == 0)
+            procs = f" x {self.nproc} processes" if self.nproc > 1 else ""
+            raise ConfigError(f"--batch-sizes: {bad[0]}{procs} does not divide the nominal batch {self.nbs}, so the "
                               f"effective batch would differ between cells (use {divisors})")
         if self.epochs < 1:
             raise ConfigError(f"--epochs: expected >= 1, got {self.epochs}")
@@ -169,7 +173,8 @@ def config_from_args(opt: Any, defaults: dict[str, Any]) -> StudyConfig:
     config = StudyConfig(data=str(pick["data"]), cfg=str(pick["cfg"]), norms=[str(n) for n in pick["norms"]],
                          batch_sizes=[int(b) for b in pick["batch_sizes"]], seeds=[int(s) for s in pick["seeds"]],
                          epochs=int(pick["epochs"]), img=int(pick["img"]), hyp=opt.hyp, device=str(opt.device),
-                         workers=int(opt.workers), train_args=extra, nbs=int(pick.get("nbs", NOMINAL_BATCH)))
+                         workers=int(opt.workers), train_args=extra, nbs=int(pick.get("nbs", NOMINAL_BATCH)),
+                         nproc=int(getattr(opt, "nproc", 1)))
     owned = sorted(set(train_overrides(extra)) & set(cell_settings(config, Cell("bn", 1, 0), Path("."))))
     if owned:  # these are the study's own settings: a silent override would make cells differ unseen
         flag = "--" + owned[0].replace("_", "-")
@@ -189,6 +194,8 @@ def subset_coco_dataset(data: str, n_train: int, n_val: int, out_dir: Path) -> P
         raise ConfigError(f"--preset: the dataset '{data}' must be in COCO format to take a subset")
     out_dir.mkdir(parents=True, exist_ok=True)
     entry: dict[str, Any] = {"path": str(out_dir.resolve()), "format": "coco", "names": list(d["names"])}
+    if d.get("cache"):
+        entry["cache"] = d["cache"]  # the dataset's own RAM-cache default carries over to its subset
     for split, n in (("train", n_train), ("val", n_val)):
         with open(d[split], encoding="utf-8") as f:
             coco = json.load(f)

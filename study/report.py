@@ -1,7 +1,8 @@
 """study.csv / study.md / study.png and the generated block of docs/compare.md, for study/runner.py.
 
 Aggregation: for each (norm, batch size) the mean and the sample standard deviation (ddof = 1) of mAP50-95 over
-the seeds that finished; the "Δ vs BN" rows are differences of those means.
+the seeds that finished; differences between norms and batch sizes are paired by seed, with 95 % Student-t
+intervals (study/stats.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from study.config import StudyConfig
+from study.stats import Interval, mean_interval, paired_differences, verdict
 from utils.general import ROOT, ConfigError, write_text_atomic
 
 
@@ -105,7 +107,8 @@ def reference_norm(norms: Sequence[str]) -> str:
 
 
 def render_markdown(config: StudyConfig, rows: Sequence[dict[str, Any]]) -> str:
-    """study.md: mAP50-95 (×100) mean ± std per norm × batch size, Δ vs the reference per norm, and speeds."""
+    """study.md: mAP50-95 (×100) mean ± std per norm × batch size, the paired differences vs the reference with
+    their 95 % intervals and verdicts, each norm's trend from the largest to the smallest batch, and speeds."""
     stats = aggregate(rows)
     ref = reference_norm(config.norms)
     bs = config.batch_sizes
@@ -127,21 +130,8 @@ def render_markdown(config: StudyConfig, rows: Sequence[dict[str, Any]]) -> str:
         f"({', '.join(map(str, config.seeds))}), {len(rows)} of {len(config.cells())} runs finished.",
         "",
         head + "".join(f"| {n} | " + " | ".join(cell(n, b) for b in bs) + " |\n" for n in config.norms),
-    ]
-    deltas = []
-    for n in config.norms:
-        if n.lower() == ref.lower():
-            continue
-        vals = []
-        for b in bs:
-            a, base = stats.get((n.lower(), b)), stats.get((ref.lower(), b))
-            ok = a is not None and base is not None and a.n and base.n
-            vals.append(f"{100 * (a.mean - base.mean):+.2f}" if ok else "—")
-        deltas.append(f"| Δ {n} vs {ref} | " + " | ".join(vals) + " |\n")
-    if deltas:
-        lines += [f"**Δ vs {ref}** (difference of the means above, mAP50-95 points):", "", head + "".join(deltas)]
-    lines += [_reading(config, stats, ref), ""]
-    lines += [
+        _paired_table(config, rows, ref),
+        _trend_table(config, rows),
         f"Every run uses gradient accumulation to a nominal batch of {config.nbs} images per optimizer step, so "
         "the effective batch, the number of optimizer steps and the learning-rate schedule are the same in every "
         "column; the batch size only changes how many images each normalisation layer sees per forward pass.",
@@ -156,41 +146,42 @@ def render_markdown(config: StudyConfig, rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _reading(config: StudyConfig, stats: dict[tuple[str, int], Stat], ref: str) -> str:
-    """A mechanical reading: each norm's change from the largest to the smallest batch, and where its Δ vs the
-    reference exceeds twice the seed spread sqrt(std_a² + std_ref²) (a rule of thumb, not a significance test)."""
-    hi, lo = max(config.batch_sizes), min(config.batch_sizes)
-    out = ["**Automatic reading** (mechanical; a rule of thumb, not a significance test):", ""]
-    for n in config.norms:
-        a, b = stats.get((n.lower(), hi)), stats.get((n.lower(), lo))
-        if a and b and a.n and b.n and hi != lo:
-            out.append(f"- {n}: batch {hi} → {lo}: {100 * a.mean:.2f} → {100 * b.mean:.2f} "
-                       f"({100 * (b.mean - a.mean):+.2f} points).")
+def _fmt_interval(iv: Interval) -> str:
+    if iv.n == 0:
+        return "—"
+    if iv.n == 1:
+        return f"{100 * iv.mean:+.2f} (1 seed)"
+    return f"{100 * iv.mean:+.2f} [{100 * iv.low:+.2f}, {100 * iv.high:+.2f}] ±{100 * iv.half_width:.2f}"
+
+
+def _paired_table(config: StudyConfig, rows: Sequence[dict[str, Any]], ref: str) -> str:
+    """Per norm and batch size: mean over seeds of (norm - ref), 95 % t interval, half-width and the verdict."""
+    out = []
     for n in config.norms:
         if n.lower() == ref.lower():
             continue
-        beyond, within, unknown = [], [], []
-        for bs in config.batch_sizes:
-            x, y = stats.get((n.lower(), bs)), stats.get((ref.lower(), bs))
-            if not (x and y and x.n and y.n):
-                continue
-            spread = math.hypot(x.std, y.std)
-            if math.isnan(spread):
-                unknown.append(str(bs))
-            elif abs(x.mean - y.mean) > 2 * spread:
-                beyond.append(f"{bs} ({100 * (x.mean - y.mean):+.2f})")
-            else:
-                within.append(str(bs))
-        parts = []
-        if beyond:
-            parts.append(f"differs from {ref} by more than twice the seed spread at batch {', '.join(beyond)}")
-        if within:
-            parts.append(f"is within seed noise of {ref} at batch {', '.join(within)}")
-        if unknown:
-            parts.append(f"has a single seed (no noise estimate) at batch {', '.join(unknown)}")
-        if parts:
-            out.append(f"- {n} " + "; ".join(parts) + ".")
-    return "\n".join(out)
+        for b in config.batch_sizes:
+            iv = mean_interval(paired_differences(rows, (n, b), (ref, b)).values())
+            out.append(f"| {n} − {ref} | {b} | {_fmt_interval(iv)} | {verdict(iv, n, ref)} |")
+    if not out:
+        return ""
+    return (f"**Paired difference vs {ref}** (mAP50-95 points, same seed = same data order and augmentation; "
+            "mean [95 % Student-t interval over seeds] ±half-width; a verdict only where the interval excludes 0):"
+            "\n\n| difference | batch | mean [95 % CI] ±half-width | verdict |\n|---|---:|---|---|\n"
+            + "\n".join(out) + "\n")
+
+
+def _trend_table(config: StudyConfig, rows: Sequence[dict[str, Any]]) -> str:
+    """Each norm's change from the largest to the smallest batch size, paired by seed, with its interval."""
+    hi, lo = max(config.batch_sizes), min(config.batch_sizes)
+    if hi == lo:
+        return ""
+    out = []
+    for n in config.norms:
+        iv = mean_interval(paired_differences(rows, (n, lo), (n, hi)).values())
+        out.append(f"| {n} | {_fmt_interval(iv)} | {verdict(iv, f'batch {lo}', f'batch {hi}')} |")
+    return (f"**Within-norm trend**, batch {lo} − batch {hi} (mAP50-95 points, paired by seed, 95 % interval):"
+            f"\n\n| norm | batch {lo} − batch {hi} | verdict |\n|---|---|---|\n" + "\n".join(out) + "\n")
 
 
 def _rel(path: str) -> str:
@@ -222,33 +213,50 @@ def _speed_table(config: StudyConfig, rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_study(config: StudyConfig, rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """study.png: mAP50-95 against batch size (log-2 axis), one line per norm, error bars = sample std."""
+    """study.png. Left: mAP50-95 against batch size (log-2 axis), one line per norm with its 95 % t band over
+    seeds. Right: each norm's paired difference to the reference per batch size with its 95 % interval."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend switching
 
-    stats = aggregate(rows)
-    fig = Figure(figsize=(6, 4), dpi=120)
+    ref = reference_norm(config.norms)
+    xs_all = sorted(config.batch_sizes)
+    fig = Figure(figsize=(11, 4.2), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax, bx = fig.subplots(1, 2)
     for n in config.norms:
-        pts = [(b, stats[(n.lower(), b)]) for b in sorted(config.batch_sizes)
-               if (n.lower(), b) in stats and stats[(n.lower(), b)].n]
-        if not pts:
-            continue
-        xs = [b for b, _ in pts]
-        ys = [100 * s.mean for _, s in pts]
-        es = [0.0 if math.isnan(s.std) else 100 * s.std for _, s in pts]
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=n)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(config.batch_sizes), [str(b) for b in sorted(config.batch_sizes)])
-    ax.invert_xaxis()  # as in the Group Normalization paper: smaller per-step batches to the right
-    ax.set_xlabel(f"images per forward pass (batch size; nominal batch {config.nbs} held fixed)")
-    ax.set_ylabel("mAP50-95 (×100)")
-    ax.set_title(f"{Path(config.cfg).stem} (norm replaced per line), {config.epochs} epoch(s), {config.img} px\n"
-                 f"error bars: sample std over {len(config.seeds)} seed(s)", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+        pts = []
+        for b in xs_all:
+            vals = [float(r["mAP50-95"]) for r in rows if str(r["norm"]).lower() == n.lower()
+                    and int(r["batch_size"]) == b]
+            iv = mean_interval(vals)
+            if iv.n:
+                pts.append((b, 100 * iv.mean, 0.0 if math.isnan(iv.half_width) else 100 * iv.half_width))
+        if pts:
+            x, y, h = zip(*pts)
+            line = ax.plot(x, y, marker="o", label=n)[0]
+            ax.fill_between(x, [a - e for a, e in zip(y, h)], [a + e for a, e in zip(y, h)],
+                            color=line.get_color(), alpha=0.2)
+    offsets = [0.97 + 0.06 * k / max(1, len(config.norms) - 1) for k in range(len(config.norms))]
+    for k, n in enumerate(m for m in config.norms if m.lower() != ref.lower()):
+        pts = [(b, mean_interval(paired_differences(rows, (n, b), (ref, b)).values())) for b in xs_all]
+        pts = [(b * offsets[k], 100 * iv.mean, 0.0 if math.isnan(iv.half_width) else 100 * iv.half_width)
+               for b, iv in pts if iv.n]
+        if pts:
+            x, y, h = zip(*pts)
+            bx.errorbar(x, y, yerr=h, marker="o", capsize=4, label=f"{n} − {ref}")
+    bx.axhline(0.0, color="0.3", lw=1)
+    for a, ylabel in ((ax, "mAP50-95 (×100), mean and 95 % band"),
+                      (bx, f"paired difference vs {ref} (points), 95 % interval")):
+        a.set_xscale("log", base=2)
+        a.set_xticks(xs_all, [str(b) for b in xs_all])
+        a.invert_xaxis()  # as in the Group Normalization paper: smaller per-step batches to the right
+        a.set_xlabel(f"images per forward pass (nominal batch {config.nbs} held fixed)")
+        a.set_ylabel(ylabel)
+        a.grid(True, alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
+    fig.suptitle(f"{Path(config.cfg).stem} (norm replaced per line), {config.epochs} epoch(s), {config.img} px, "
+                 f"{len(config.seeds)} seed(s); intervals: Student t over seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
 

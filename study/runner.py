@@ -3,21 +3,27 @@ each row lands in study.csv as soon as its run finishes, so an interrupted study
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
 from engine.checkpoint import load_model
-from engine.fit import fit
+from engine.config import TrainConfig, config_to_argv
+from engine.fit import best_row, fit
 from engine.loop import TrainingDiverged
 from study.config import Cell, StudyConfig, cell_config
 from study.report import append_row, read_rows, write_reports
 from utils.dist import dist_env
-from utils.general import LOGGER, select_device
+from engine.results import read_results
+from utils.general import LOGGER, ROOT, ConfigError, select_device
 from utils.timing import repeat_times
 
 CellRunner = Callable[[StudyConfig, Cell, Path], dict[str, Any]]
@@ -61,7 +67,7 @@ def run_cell(config: StudyConfig, cell: Cell, runs_dir: Path) -> dict[str, Any]:
     cfg = cell_config(config, cell, runs_dir)
     base = {"norm": cell.norm, "batch_size": cell.batch_size, "seed": cell.seed, "img_size": config.img}
     try:
-        res = fit(cfg)
+        res = fit(cfg) if config.nproc == 1 else fit_torchrun(cfg, config.nproc)
     except TrainingDiverged as e:
         LOGGER.warning(f"study: {cell.run_name} diverged ({e}); recorded as 'diverged'")
         return {**base, "status": "diverged", "epochs": config.epochs, "mAP50": math.nan, "mAP50-95": math.nan,
@@ -80,6 +86,27 @@ def run_cell(config: StudyConfig, cell: Cell, runs_dir: Path) -> dict[str, Any]:
         "params": int(res.get("params", 0)), "wall_time_s": time.time() - t0,  # the whole cell, timing included
         "run_dir": str(run_dir),
     }
+
+
+def fit_torchrun(cfg: TrainConfig, nproc: int) -> dict[str, Any]:
+    """Train one cell as a torchrun job of ``nproc`` processes (gloo on CPU): ``cfg.batch_size`` images per process,
+    so BN normalises over that many and SyncBN over nproc times as many. Returns fit()'s keys from results.csv
+    (training images/s is not reported back by the job: NaN)."""
+    save_dir = Path(cfg.project) / cfg.name
+    total = replace(cfg, batch_size=cfg.batch_size * nproc)  # train.py's --batch-size is over all processes
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *config_to_argv(total)]
+    save_dir.mkdir(parents=True, exist_ok=True)
+    log = save_dir.parent / f"{cfg.name}.torchrun.log"
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code == 1 and "diverged" in log.read_text(errors="replace"):
+        raise TrainingDiverged(f"torchrun job diverged (see {log})")
+    if code:
+        raise ConfigError(f"study: the torchrun job of {cfg.name} failed with exit code {code}; its log: {log}")
+    rows = read_results(save_dir / "results.csv")
+    return {"save_dir": str(save_dir), "epochs": len(rows), "train_images_per_s": math.nan, **best_row(rows)}
 
 
 def _is_main_rank() -> bool:

@@ -60,11 +60,42 @@ def test_markdown_numbers_equal_mean_and_sample_std_of_csv(tmp_path: Path) -> No
             assert mean == pytest.approx(100 * v.mean(), abs=0.005)
             assert std == pytest.approx(100 * v.std(ddof=1), abs=0.005)
             means[norm, b] = 100 * v.mean()
-    deltas = _md_cells(md, "Δ gn:C/16 vs bn")
-    for b, text in zip(cfg.batch_sizes, deltas):
-        assert float(text) == pytest.approx(means["gn:C/16", b] - means["bn", b], abs=0.006)
+    for b in cfg.batch_sizes:  # paired mean difference = difference of the means when every seed finished
+        row = next(ln for ln in md.splitlines() if ln.startswith(f"| gn:C/16 − bn | {b} |"))
+        assert float(row.split("|")[3].split()[0]) == pytest.approx(means["gn:C/16", b] - means["bn", b], abs=0.006)
     # study.png written and a real PNG
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_statistics_match_a_hand_computation() -> None:
+    """A made-up table, 3 seeds. Batch 16: GN − BN = 0.01, 0.02, 0.02 -> mean 0.016667, sd 0.0057735,
+    half-width t(0.975, 2) * sd / sqrt(3) = 4.303 * 0.0033333 = 0.014343 -> [0.002324, 0.031010], excludes 0.
+    Batch 2: 0.01, -0.02, 0.03 -> mean 0.006667, sd 0.025166, half-width 0.062521 -> includes 0.
+    BN trend b2 - b16: -0.10, -0.07, -0.06 -> mean -0.076667, sd 0.020817, half-width 0.051717 -> excludes 0."""
+    from study.stats import mean_interval, paired_differences, t975, verdict
+
+    table = {("bn", 16): [0.30, 0.32, 0.28], ("gn:C/16", 16): [0.31, 0.34, 0.30],
+             ("bn", 2): [0.20, 0.25, 0.22], ("gn:C/16", 2): [0.21, 0.23, 0.25]}
+    rows = [{"norm": n, "batch_size": b, "seed": s, "mAP50-95": v, "train_img_per_s": 10.0, "infer_ms_per_img": 1.0}
+            for (n, b), vals in table.items() for s, v in enumerate(vals)]
+    assert t975(2) == 4.303 and t975(40) == pytest.approx(2.021, abs=1e-3)
+    d16 = paired_differences(rows, ("gn:C/16", 16), ("bn", 16))
+    assert d16 == pytest.approx({0: 0.01, 1: 0.02, 2: 0.02})
+    iv = mean_interval(d16.values())
+    assert (iv.n, iv.mean, iv.half_width) == (3, pytest.approx(0.0166667, abs=1e-6), pytest.approx(0.014343, abs=1e-5))
+    assert iv.low == pytest.approx(0.002324, abs=1e-5) and verdict(iv, "gn:C/16", "bn") == "gn:C/16 better"
+    iv2 = mean_interval(paired_differences(rows, ("gn:C/16", 2), ("bn", 2)).values())
+    assert iv2.mean == pytest.approx(0.0066667, abs=1e-6) and iv2.half_width == pytest.approx(0.062521, abs=1e-5)
+    assert verdict(iv2, "gn:C/16", "bn") == "no difference detected"
+    trend = mean_interval(paired_differences(rows, ("bn", 2), ("bn", 16)).values())
+    assert trend.mean == pytest.approx(-0.0766667, abs=1e-6) and trend.half_width == pytest.approx(0.051717, abs=1e-5)
+    assert verdict(trend, "batch 2", "batch 16") == "batch 16 better"
+    assert verdict(mean_interval([0.5]), "a", "b") == "no interval (fewer than 2 seeds)"
+    # the report prints the same numbers (x100) and verdicts
+    md = report.render_markdown(_config(batch_sizes=[16, 2], seeds=[0, 1, 2]), rows)
+    assert "| gn:C/16 − bn | 16 | +1.67 [+0.23, +3.10] ±1.43 | gn:C/16 better |" in md
+    assert "| gn:C/16 − bn | 2 | +0.67 [-5.59, +6.92] ±6.25 | no difference detected |" in md
+    assert "| bn | -7.67 [-12.84, -2.50] ±5.17 | batch 16 better |" in md
 
 
 def test_partial_cells_show_count_and_missing_cells_a_dash(tmp_path: Path) -> None:
@@ -137,7 +168,7 @@ def test_update_doc_replaces_only_the_generated_block(tmp_path: Path) -> None:
     report.update_doc(doc, tmp_path)
     once = doc.read_text()
     assert once.startswith("# Title\nintro\n") and once.endswith(f"{report.DOC_END}\noutro\n")
-    assert "old table" not in once and "| Δ gn:C/16 vs bn |" in once and "(doc_study.png)" in once
+    assert "old table" not in once and "| gn:C/16 − bn | 8 |" in once and "(doc_study.png)" in once
     assert (tmp_path / "doc_study.png").is_file()
     report.update_doc(doc, tmp_path)  # idempotent apart from the timestamp line
     strip = lambda t: re.sub(r"_Generated from .*_", "", t)  # noqa: E731
@@ -239,17 +270,16 @@ def test_subset_holds_the_first_images_of_each_split(tiny_data: Path, tmp_path: 
         study.subset_coco_dataset(str(tiny_data), 9, 1, tmp_path / "too-many")
 
 
-def test_gn_paper_preset_is_the_16_run_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gn_paper_preset_is_the_18_run_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[study.StudyConfig, study.Cell]] = []
-    monkeypatch.setattr(study, "subset_coco_dataset", lambda data, n_tr, n_val, out: out / f"{n_tr}-{n_val}.yaml")
     monkeypatch.setattr(runner, "run_cell", lambda cfg, cell, runs: calls.append((cfg, cell)) or _fake_row(cell, runs))
     save_dir = compare.main(compare.parse_opt(["--preset", "gn-paper", "--project", str(tmp_path)]))
-    assert save_dir == tmp_path / "gn-paper" and len(calls) == 16
+    assert save_dir == tmp_path / "gn-paper" and len(calls) == 18
     assert {(c.norm, c.batch_size, c.seed) for _, c in calls} == {
-        (n, b, s) for n in ("bn", "gn:C/16") for b in (16, 8, 4, 2) for s in (0, 1)}
+        (n, b, s) for n in ("bn", "gn:C/16") for b in (16, 4, 2) for s in (0, 1, 2)}
     config = calls[0][0]
-    assert (config.epochs, config.img, config.nbs, Path(config.data).name) == (6, 256, 16, "768-500.yaml")
-    assert "| Δ gn:C/16 vs bn |" in (save_dir / "study.md").read_text()
+    assert (config.epochs, config.img, config.nbs, Path(config.data).name) == (5, 224, 16, "synthetic-study.yaml")
+    assert "| gn:C/16 − bn |" in (save_dir / "study.md").read_text()
 
 
 @pytest.mark.skipif(_train_available() is not None, reason=str(_train_available()))
@@ -268,6 +298,28 @@ def test_real_tiny_study_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
         assert Path(r["run_dir"]).is_dir() and not math.isnan(r["wall_time_s"])
     assert rows[0]["params"] == rows[1]["params"]  # the norm swap keeps the parameter count
     assert (save_dir / "study.png").is_file() and "| gn:C/16 |" in (save_dir / "study.md").read_text()
+
+
+@pytest.mark.skipif(_train_available() is not None, reason=str(_train_available()))
+def test_syncbn_cells_run_as_torchrun_jobs(tiny_data: Path, tmp_path: Path) -> None:
+    """--nproc 2: each cell is a 2-process torchrun job on CPU/gloo with batch 2 per process (syncbn normalises
+    over 4 images); a real 1-epoch run at 64 px whose row holds the job's validation result."""
+    argv = ["--data", str(tiny_data), "--norms", "syncbn", "--batch-sizes", "2", "--seeds", "0", "--nbs", "4",
+            "--epochs", "1", "--img", "64", "--device", "cpu", "--workers", "0", "--nproc", "2",
+            "--project", str(tmp_path), "--name", "sync", "--train-args=--noautoanchor --amp off"]
+    save_dir = compare.main(compare.parse_opt(argv))
+    rows = report.read_rows(save_dir / "study.csv")
+    assert [(r["norm"], r["batch_size"], r["status"]) for r in rows] == [("syncbn", 2, "ok")]
+    assert 0.0 <= rows[0]["mAP50-95"] <= rows[0]["mAP50"] <= 1.0 and rows[0]["infer_ms_per_img"] > 0
+    log = (save_dir / "runs" / "syncbn-b2-s0.torchrun.log").read_text()
+    assert "cpu x 2 process(es), amp None" in log, log[-2000:]
+    opt = (save_dir / "runs" / "syncbn-b2-s0" / "opt.yaml").read_text()
+    assert "batch_size: 4" in opt and "norm: syncbn" in opt  # 2 processes x 2 images
+
+
+def test_nproc_must_divide_the_nominal_batch() -> None:
+    with pytest.raises(ConfigError, match=r"--batch-sizes: 4 x 2 processes does not divide the nominal batch 4"):
+        _config(batch_sizes=[4], nbs=4, nproc=2).validate()
 
 
 def test_diverged_runs_are_counted_not_averaged(tmp_path: Path) -> None:

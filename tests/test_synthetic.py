@@ -131,3 +131,22 @@ def test_concurrent_first_use_generates_once(tmp_path, monkeypatch):
     assert not errs and len(out) == 2 and calls == [1]
     assert out[0]["val_images"].endswith("images/val")
     assert len(list((tmp_path / "ds" / "images" / "train").iterdir())) == 4
+
+
+def test_study_variant_is_smaller_and_easier_and_leaves_the_default_unchanged():
+    """The study variant: 192-256 px images, no COCO-small objects, at most 5 per image; the default variant's
+    pixels are those of render_image without a variant (the built-in dataset did not change)."""
+    areas, per_img, sides = [], [], []
+    for i in range(60):
+        img, objs = render_image(0, "train", i, "study")
+        sides.append(max(img.shape[:2]))
+        per_img.append(len(objs))
+        areas += [o[1][2] * o[1][3] for o in objs]
+    assert 192 <= min(sides) and max(sides) <= 256
+    assert min(per_img) >= 1 and max(per_img) <= 5
+    assert np.quantile(areas, 0.05) > 16 ** 2 and (np.array(areas) < 32 ** 2).mean() < 0.1
+    img_d, objs_d = render_image(0, "train", 5)
+    img_v, objs_v = render_image(0, "train", 5, "default")
+    assert np.array_equal(img_d, img_v) and objs_d == objs_v
+    with pytest.raises(ValueError, match="unknown synthetic variant 'hard'"):
+        generate(".", n_train=1, n_val=1, variant="hard")

@@ -37,7 +37,10 @@ if side == "normyolo":
 else:
     from models.yolo import Model
     model = Model("models/yolov5n.yaml", nc=80)
-model = model.fuse().eval().to(memory_format=torch.channels_last)
+model = model.fuse().eval()
+for m in model.modules():  # channels-last weights for both (YOLOv5's rank-3 anchor buffer cannot be converted)
+    if isinstance(m, torch.nn.Conv2d):
+        m.to(memory_format=torch.channels_last)
 x = torch.rand(batch, 3, img, img).contiguous(memory_format=torch.channels_last)
 times = []
 with torch.inference_mode():

@@ -2,6 +2,7 @@
 writers), then a flat loop of ``train_one_epoch`` and ``end_of_epoch`` (validate, record, checkpoint, stop early)."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -59,6 +60,9 @@ def set_cpu_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
+PLOT_EVERY_S = 30.0  # results.png is redrawn at most this often, and always after the final epoch
+
+
 @dataclass
 class Run:
     """Everything a training run builds, in the order it is built; the loop only reads and steps it."""
@@ -83,6 +87,7 @@ class Run:
     log: ResultsLog | None = None
     best_fitness: float = 0.0
     best_epoch: int = -1
+    last_plot: float = -math.inf  # time.monotonic() of the last results.png
 
     @property
     def main(self) -> bool:
@@ -281,7 +286,6 @@ def end_of_epoch(run: Run, epoch: int, res: dict[str, Any], metrics: dict[str, f
                     "metrics/mAP50": metrics.get("mAP50", ""), "metrics/mAP50-95": metrics.get("mAP50_95", ""),
                     **{f"x/lr{j}": lr for j, lr in enumerate(res["lr"])},
                     "nonfinite_steps": res["nonfinite"], "epoch_time_s": res["time_s"]})
-    plot_results(run.log.path)
     ck = checkpoint_dict(run, epoch)
     save_checkpoint(ck, run.wdir / "last.pt")
     if run.best_epoch == epoch:
@@ -291,6 +295,9 @@ def end_of_epoch(run: Run, epoch: int, res: dict[str, Any], metrics: dict[str, f
     stop = cfg.patience > 0 and epoch - max(run.best_epoch, run.start_epoch) >= cfg.patience and not final
     if stop:
         LOGGER.info(f"Stopping early: no improvement in {cfg.patience} epochs (best epoch {run.best_epoch})")
+    if final or stop or time.monotonic() - run.last_plot >= PLOT_EVERY_S:  # a plot costs ~0.5 s: not every epoch
+        plot_results(run.log.path)
+        run.last_plot = time.monotonic()
     return metrics, stop
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from engine.checkpoint import load_model
 from utils.general import ConfigError, import_optional
 
 SUFFIXES = (".pt", ".onnx", ".torchscript")
@@ -67,9 +68,12 @@ class TorchBackend(Backend):
     kind = "pytorch"
 
     def __init__(self, model: nn.Module) -> None:
-        p, nc = next(model.parameters()), model.model[-1].nc
-        names = list(getattr(model, "names", None) or [])
-        super().__init__(names if len(names) == nc else [str(i) for i in range(nc)], int(model.stride.max()), p.device)
+        names = [str(n) for n in getattr(model, "names", None) or []]
+        det = model.model[-1] if isinstance(getattr(model, "model", None), nn.Sequential) else None
+        nc = int(det.nc) if det is not None else len(names)  # any nn.Module with names works (tests' oracles)
+        stride = int(model.stride.max()) if hasattr(model, "stride") else 32
+        super().__init__(names if len(names) == nc else [str(i) for i in range(nc)], stride,
+                         next(model.parameters()).device)
         self.model = model
         self.channels_last = feeds_channels_last(model)
 
@@ -151,8 +155,6 @@ def load_backend(weights: str | Path, device: torch.device) -> Backend:
         return OnnxBackend(path, device)
     if path.suffix == ".torchscript":
         return TorchScriptBackend(path, device)
-    from engine.checkpoint import load_model  # checkpoint imports models; only .pt needs it
-
     return TorchBackend(load_model(path, device))
 
 

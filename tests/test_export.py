@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from engine.checkpoint import model_from_checkpoint, model_state, save_checkpoin
 from engine.exporter import CHECK_ATOL, export_weights, max_abs_diff
 from engine.predict import predict_image, preprocess
 from models.yolo import Model
-from utils.general import ROOT, ConfigError, import_optional
+from utils.general import LOGGER, ROOT, ConfigError, import_optional
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -191,12 +192,18 @@ def test_readme_hub_example_runs_as_written() -> None:
 
 
 def _one_line_error(capsys: pytest.CaptureFixture) -> str:
+    """The error line of a CLI call: stderr ends with exactly one 'error: ...' line and holds no traceback (the info
+    lines logged before it may precede it, as on a terminal)."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    assert err and err[-1].startswith("error: ") and sum(ln.startswith("error:") for ln in err) == 1, err
+    assert not any("Traceback" in ln for ln in err), err
+    return err[-1]
 
 
 def test_bad_inputs_one_line_exit_2(syn_yaml: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for h in LOGGER.handlers:  # a handler set up by an earlier test may hold that test's closed stderr
+        if isinstance(h, logging.StreamHandler):
+            h.stream = sys.stderr  # capsys's; not setStream(), which flushes the closed one
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"this is not a protobuf" * 10)
     other = make_ckpt(tmp_path / "other", "bn", nc=3)  # another model: 3 classes, the data has 10

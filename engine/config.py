@@ -58,6 +58,7 @@ class TrainConfig:
     close_mosaic: int | None = None
     noautoanchor: bool = False
     nonfinite_limit: int = 10
+    tensorboard: bool = True
     save_dir: str = ""
 
     @classmethod
@@ -109,6 +110,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--noautoanchor", action="store_true", help="keep the model's anchors as they are")
     p.add_argument("--nonfinite-limit", type=int, default=d.nonfinite_limit,
                    help="stop after this many non-finite losses in a row")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                   help="write no TensorBoard event files (written to the run folder when tensorboard is installed)")
     return p
 
 

@@ -91,7 +91,7 @@ def main(opt: argparse.Namespace) -> list[dict]:
     rows = []
     print(f"torch {torch.__version__}, {opt.threads} threads, device {device}, cfg {Path(opt.cfg).name}")
     ort = not opt.no_ort and importlib.util.find_spec("onnxruntime") is not None
-    header = f"{'norm':<6}{'fused':<7}{'img':>5}{'batch':>7}{'contiguous':>12}{'channels_last':>15}{'best':>15}"
+    header = f"{'norm':<9}{'fused':<7}{'img':>5}{'batch':>7}{'contiguous':>12}{'channels_last':>15}{'best':>15}"
     header += f"{'ort':>9}{'ort/torch':>11}" if ort else ""
     print(header + "   (ms/image)")
     for norm in opt.norms:
@@ -117,11 +117,11 @@ def main(opt: argparse.Namespace) -> list[dict]:
                     ms_ort = time_ort(model, x, opt.threads, opt.warmup, iters) if ort and fused else None
                     rows.append({"norm": norm, "fused": fused, "img": size, "batch": bs, "contiguous_ms": ms_c,
                                  "channels_last_ms": ms_cl, "best": best, "fuse_error": err, "ort_ms": ms_ort})
-                    line = f"{norm:<6}{str(fused):<7}{size:>5}{bs:>7}{ms_c:>12.2f}{ms_cl:>15.2f}{best:>15}"
+                    line = f"{norm:<9}{str(fused):<7}{size:>5}{bs:>7}{ms_c:>12.2f}{ms_cl:>15.2f}{best:>15}"
                     if ms_ort is not None:
                         line += f"{ms_ort:>9.2f}{ms_ort / min(ms_c, ms_cl):>11.2f}"
                     print(line, flush=True)
-        print(f"{norm:<6}fused vs unfused max |diff|: scores {err[0]:.1e}, boxes {err[1]:.1e} (fraction of image size)")
+        print(f"{norm:<9}fused vs unfused max |diff|: scores {err[0]:.1e}, boxes {err[1]:.1e} (fraction of image size)")
     return rows
 
 

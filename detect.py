@@ -21,7 +21,7 @@ SAVER_FLAGS = ("save_txt", "save_conf", "save_json", "save_crop", "nosave", "lin
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Detect objects with a NormYOLO checkpoint.")
-    p.add_argument("--weights", required=True, help="checkpoint (EMA weights preferred)")
+    p.add_argument("--weights", required=True, help=".pt checkpoint (EMA weights preferred), .onnx or .torchscript")
     p.add_argument("--source", required=True, help="image, folder, glob, video, .txt list, or webcam index")
     p.add_argument("--img", "--img-size", type=int, default=640, dest="img", help="inference size (pixels)")
     p.add_argument("--conf-thres", type=float, default=0.25)
@@ -48,7 +48,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 def main(opt: argparse.Namespace) -> dict[str, Any]:
     """Detect on every frame of ``opt.source``; returns {'save_dir', 'images', 'skipped', 'detections'}."""
     from data.sources import MediaSource
-    from engine.checkpoint import load_model
+    from engine.backends import load_backend
     from engine.predict import FrameSaver, counts_text, predict_image
 
     setup_logging()
@@ -57,7 +57,7 @@ def main(opt: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"{flag} {v}: expected a value in [0, 1]")
     device = select_device(opt.device)
     source = MediaSource(opt.source, vid_stride=opt.vid_stride)  # an empty / missing source fails here
-    model = load_model(opt.weights, device)
+    model = load_backend(opt.weights, device)  # .pt, .onnx or .torchscript: the same pre- / post-processing
     names = [str(n) for n in model.names]
     if opt.classes and any(not 0 <= c < len(names) for c in opt.classes):
         raise ConfigError(f"--classes {opt.classes}: the model has classes 0..{len(names) - 1}")

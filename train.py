@@ -37,11 +37,7 @@ def cli(argv: list[str] | None = None) -> int:
     """Command-line entry: ``error: ...`` and exit 2 for bad input, exit 1 when training diverged."""
     from engine.loop import TrainingDiverged
 
-    try:
-        return run_cli(main, parse_opt, argv)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(main, parse_opt, argv, failures=(TrainingDiverged,))
 
 
 if __name__ == "__main__":

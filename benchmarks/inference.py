@@ -2,16 +2,21 @@
 
     python benchmarks/inference.py                      # the full table (BN, GN, LN, IN x 320/640 x batch 1/32)
     python benchmarks/inference.py --norms bn --sizes 320 --batches 32 --fused-only
+    python benchmarks/inference.py --norms bn gn --sizes 320 --batches 1 32 --fused-only --threads 1   # + ORT
 
 Models are built with random weights (speed does not depend on the values). Timing: ``--warmup`` untimed passes,
 then repeated passes until at least ``--min-images`` images went through, under torch.inference_mode() with
 ``--threads`` intra-op threads; the median pass gives ms/image. Both memory formats are timed; the ``best`` column
 says which one the scripts should use (val.py / detect.py use channels_last on CPU because it wins here).
+With onnxruntime installed, each fused model is also exported to ONNX (static shape, as export.py writes it) and run
+by ONNX Runtime with the same number of threads, through the backend val.py / detect.py use: the ``ort`` column and
+its ratio to torch's best memory format.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
 import sys
 from pathlib import Path
@@ -33,6 +38,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-iters", type=int, default=3, help="and at least this many passes")
     p.add_argument("--fused-only", action="store_true", help="skip the unfused models")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime column")
     return p.parse_args(argv)
 
 
@@ -42,6 +48,25 @@ def time_model(model: torch.nn.Module, x: torch.Tensor, warmup: int, iters: int)
 
     with torch.inference_mode():
         times = repeat_times(lambda: model(x), x.device, reps=iters, warmup=warmup)
+    return 1000 * statistics.median(times) / x.shape[0]
+
+
+def time_ort(fused: torch.nn.Module, x: torch.Tensor, threads: int, warmup: int, iters: int) -> float:
+    """Median ms/image of ONNX Runtime on ``fused`` exported at x's shape (N, 3, H, W), via engine.backends."""
+    import tempfile
+
+    from engine.backends import OnnxBackend
+    from engine.exporter import export_onnx, metadata, prepare_for_export, simplify_onnx
+    from utils.timing import repeat_times
+
+    model = prepare_for_export(fused)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        meta = metadata(model, tuple(x.shape[2:]), x.shape[0], dynamic=False)
+        export_onnx(model, x.cpu().contiguous(), path, meta)
+        simplify_onnx(path, meta)
+        backend = OnnxBackend(path, x.device, threads=threads)
+        times = repeat_times(lambda: backend(x), x.device, reps=iters, warmup=warmup)
     return 1000 * statistics.median(times) / x.shape[0]
 
 
@@ -65,7 +90,9 @@ def main(opt: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     rows = []
     print(f"torch {torch.__version__}, {opt.threads} threads, device {device}, cfg {Path(opt.cfg).name}")
-    header = f"{'norm':<6}{'fused':<7}{'img':>5}{'batch':>7}{'contiguous':>12}{'channels_last':>15}{'best':>15}"
+    ort = not opt.no_ort and importlib.util.find_spec("onnxruntime") is not None
+    header = f"{'norm':<9}{'fused':<7}{'img':>5}{'batch':>7}{'contiguous':>12}{'channels_last':>15}{'best':>15}"
+    header += f"{'ort':>9}{'ort/torch':>11}" if ort else ""
     print(header + "   (ms/image)")
     for norm in opt.norms:
         base = Model(opt.cfg, norm=norm).to(device).eval()
@@ -87,10 +114,14 @@ def main(opt: argparse.Namespace) -> list[dict]:
                     m_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
                     ms_cl = time_model(m_cl, x.contiguous(memory_format=torch.channels_last), opt.warmup, iters)
                     best = "channels_last" if ms_cl < ms_c else "contiguous"
+                    ms_ort = time_ort(model, x, opt.threads, opt.warmup, iters) if ort and fused else None
                     rows.append({"norm": norm, "fused": fused, "img": size, "batch": bs, "contiguous_ms": ms_c,
-                                 "channels_last_ms": ms_cl, "best": best, "fuse_error": err})
-                    print(f"{norm:<6}{str(fused):<7}{size:>5}{bs:>7}{ms_c:>12.2f}{ms_cl:>15.2f}{best:>15}", flush=True)
-        print(f"{norm:<6}fused vs unfused max |diff|: scores {err[0]:.1e}, boxes {err[1]:.1e} (fraction of image size)")
+                                 "channels_last_ms": ms_cl, "best": best, "fuse_error": err, "ort_ms": ms_ort})
+                    line = f"{norm:<9}{str(fused):<7}{size:>5}{bs:>7}{ms_c:>12.2f}{ms_cl:>15.2f}{best:>15}"
+                    if ms_ort is not None:
+                        line += f"{ms_ort:>9.2f}{ms_ort / min(ms_c, ms_cl):>11.2f}"
+                    print(line, flush=True)
+        print(f"{norm:<9}fused vs unfused max |diff|: scores {err[0]:.1e}, boxes {err[1]:.1e} (fraction of image size)")
     return rows
 
 

@@ -68,6 +68,7 @@ class TrainConfig:
     close_mosaic: int | None = None
     noautoanchor: bool = False
     nonfinite_limit: int = 10
+    tensorboard: bool = True
     amp: str = "auto"
     save_dir: str = ""
 
@@ -122,8 +123,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--noautoanchor", action="store_true", help="keep the model's anchors as they are")
     p.add_argument("--nonfinite-limit", type=int, default=d.nonfinite_limit,
                    help="stop after this many non-finite losses in a row")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                   help="write no TensorBoard event files (written to the run folder when tensorboard is installed)")
     p.add_argument("--amp", default=d.amp, choices=AMP_MODES,
-                   help="mixed precision: float16 on CUDA, bfloat16 on CPUs with AMX / AVX512-BF16 (auto), or off")
+                   help="mixed precision. auto: float16 + GradScaler on CUDA, float32 on CPU; on: also bfloat16 "
+                        "autocast on CPU (fast with AMX / AVX512-BF16, but not numerically neutral for BN); off: float32")
     return p
 
 
@@ -136,8 +140,8 @@ def config_to_argv(cfg: TrainConfig) -> list[str]:
         if f.name == "save_dir" or v == getattr(base, f.name) or v is None:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(v, bool):
-            argv += [flag] if v else []  # the store_true flags; none defaults to True
+        if isinstance(v, bool):  # store_true flags, and --no-NAME for the one that defaults to True
+            argv += [flag] if v else ["--no-" + f.name.replace("_", "-")]
         else:
             argv += [flag, str(v)]
     return argv

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from data.augment import scale_boxes_to_original
+from engine.backends import Backend, as_backend
 from utils.boxes import label_lines, non_max_suppression
 from utils.coco_eval import CONF_GRID, CocoMetrics, confusion_matrix, detections_to_coco, gt_counts, load_coco_gt
 from utils.coco_eval import evaluate as coco_evaluate
@@ -21,6 +22,8 @@ from utils.general import LOGGER, ConfigError
 from utils.plots import plot_batch, plot_confusion_matrix, plot_metric_curve, plot_pr_curve, targets_per_image
 from utils.timing import sync
 
+# called with the first batch: (imgs (N, 3, H, W) 0..1, per-image detections (n, 6) in its pixels, paths)
+Batch0Hook = Callable[[torch.Tensor, list[torch.Tensor], list[str]], None]
 TABLE_HEADER = f"{'Class':>22}{'Images':>11}{'Instances':>11}{'P':>11}{'R':>11}{'mAP50':>11}{'mAP50-95':>11}"
 
 
@@ -28,24 +31,17 @@ def _format_row(name: str, images: int, instances: int, p: float, r: float, ap50
     return f"{name:>22}{images:>11}{instances:>11}{p:>11.3g}{r:>11.3g}{ap50:>11.3g}{ap:>11.3g}"
 
 
-def _feeds_channels_last(model: nn.Module) -> bool:
-    """True when the model's convs are channels_last (load_model does that on CPU): feed it so, no conversions."""
-    conv_w = next((m.weight for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return (conv_w is not None and not conv_w.is_contiguous()
-            and conv_w.is_contiguous(memory_format=torch.channels_last))
-
-
 def scale_boxes(d: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
     """(n, 6) detections in letterboxed pixels -> the same in original pixels (data.augment's exact inverse)."""
     return torch.as_tensor(scale_boxes_to_original(d, meta["ratio"], meta["pad"], meta["orig_shape"]))
 
 
-def _predict(model: nn.Module, dataloader: Any, cat_ids: list[int], *, conf_thres: float, iou_thres: float,
+def _predict(model: Backend, dataloader: Any, cat_ids: list[int], *, conf_thres: float, iou_thres: float,
              max_det: int, use_half: bool, progress: bool, labels_dir: Path | None,
-             plot: tuple[list[str], Path] | None) -> tuple[list[dict[str, Any]], int, list[float], tuple]:
+             plot: tuple[list[str], Path] | None, on_batch0: Batch0Hook | None = None
+             ) -> tuple[list[dict[str, Any]], int, list[float], tuple]:
     """Run the model over the loader; returns (COCO results, images seen, [pre, inference, nms] seconds, shape)."""
-    device = next(model.parameters()).device
-    channels_last = _feeds_channels_last(model)
+    device, channels_last = model.device, model.channels_last
     if labels_dir is not None:
         labels_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
@@ -61,7 +57,6 @@ def _predict(model: nn.Module, dataloader: Any, cat_ids: list[int], *, conf_thre
         with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.float16,
                                                     enabled=use_half):
             out = model(imgs)
-        out = out[0] if isinstance(out, (list, tuple)) else out
         sync(device)
         t2 = time.perf_counter()
         dets = non_max_suppression(out.float(), conf_thres, iou_thres, multi_label=True, max_det=max_det)
@@ -77,6 +72,8 @@ def _predict(model: nn.Module, dataloader: Any, cat_ids: list[int], *, conf_thre
                 (labels_dir / f"{Path(path).stem}.txt").write_text(label_lines(d_orig, meta["orig_shape"]))
         if plot is not None and bi == 0:
             _plot_batch0(imgs, targets, dets, paths, *plot)
+        if on_batch0 is not None and bi == 0:
+            on_batch0(imgs, dets, paths)
     return results, seen, dt, shape
 
 
@@ -119,7 +116,7 @@ def _log_table(m: CocoMetrics, metrics: dict[str, Any], *, verbose: bool, log_su
 
 
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | Backend,
     dataloader: Any,
     dataset: Any,
     *,
@@ -135,35 +132,41 @@ def evaluate(
     log_summary: bool = True,
     info: dict[str, Any] | None = None,
     gt: dict[str, Any] | str | Path | None = None,
+    on_batch0: Batch0Hook | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on a letterboxed ``dataloader`` with COCOeval; the model is left as it was given.
 
-    ``model``: fused or not, any device; eval for the loop, its mode restored after. ``dataloader`` yields
+    ``model``: an nn.Module (fused or not, any device; eval for the loop, its mode restored after) or an
+    ``engine.backends.Backend`` (a .pt, .onnx or .torchscript file loaded by ``load_backend``). ``dataloader`` yields
     ``(imgs (N, 3, H, W) 0..1, targets (M, 6), paths, metas)``; ``dataset`` gives ``coco_gt()``, ``names``,
     ``cat_ids``. ``save_dir``: metrics.json (and plots / predictions.json / labels when asked); None writes nothing.
     ``half``: FP16 autocast on CUDA only. ``log_summary``: pycocotools' 12-line summary and the speed line.
     ``info``: plain values merged into the result. ``gt``: a COCO JSON path (COCO data: the file is the reference)
-    or dict; None = ``dataset.coco_gt()`` (built from the records, e.g. for YOLO-txt labels).
+    or dict; None = ``dataset.coco_gt()`` (built from the records, e.g. for YOLO-txt labels). ``on_batch0``: called
+    with the first batch and its detections (training's TensorBoard image).
 
     Returns the metrics: mAP50, mAP50_95, precision, recall, best_conf, per_class, coco_stats, speed_ms
     {preprocess, inference, nms} (ms per image), images, instances, detections and the thresholds used.
     """
-    device = next(model.parameters()).device
-    names = [str(n) for n in (getattr(dataset, "names", None) or model.names)]
+    backend = as_backend(model)
+    names = [str(n) for n in (getattr(dataset, "names", None) or backend.names)]
     cat_ids = [int(c) for c in getattr(dataset, "cat_ids", range(len(names)))]
     gt_src = dataset.coco_gt() if gt is None else gt
     coco_gt = load_coco_gt(gt_src)  # a private copy: COCOeval adds keys to the annotations it reads
     save_dir = Path(save_dir) if save_dir is not None else None
     labels_dir = save_dir / "labels" if save_dir is not None and save_txt else None
-    was_training = model.training
-    model.eval()
+    module = model if isinstance(model, nn.Module) else None
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
     try:
         results, seen, dt, shape = _predict(
-            model, dataloader, cat_ids, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det,
-            use_half=half and device.type == "cuda", progress=log_summary, labels_dir=labels_dir,
-            plot=(names, save_dir) if plots and save_dir is not None else None)
+            backend, dataloader, cat_ids, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det,
+            use_half=half and backend.device.type == "cuda", progress=log_summary, labels_dir=labels_dir,
+            plot=(names, save_dir) if plots and save_dir is not None else None, on_batch0=on_batch0)
     finally:
-        model.train(was_training)
+        if module is not None:
+            module.train(was_training)
     if seen == 0:
         raise ConfigError("validation: the dataloader yielded no images")
 

@@ -23,6 +23,7 @@ from engine.evaluate import evaluate
 from engine.loop import TrainingDiverged, train_one_epoch
 from engine.optim import Schedule, build_optimizer, scaled_weight_decay
 from engine.results import ResultsLog, plot_results
+from engine.tensorboard import open_tensorboard
 from models.loss import ComputeLoss
 from models.norm import convert_sync_batchnorm
 from models.yolo import Model
@@ -85,6 +86,7 @@ class Run:
     compute_loss: ComputeLoss | None = None
     schedule: Schedule | None = None
     log: ResultsLog | None = None
+    tb: Any = None  # engine.tensorboard.TensorBoardLog on rank 0 unless --no-tensorboard
     best_fitness: float = 0.0
     best_epoch: int = -1
     last_plot: float = -math.inf  # time.monotonic() of the last results.png
@@ -235,6 +237,7 @@ def build_writers(run: Run) -> int:
     """results.csv (truncated to the checkpoint's epoch on resume) and the start line; returns the parameters."""
     cfg = run.cfg
     run.log = ResultsLog(cfg.save_dir, run.start_epoch - 1 if run.ckpt else None) if run.main else None
+    run.tb = open_tensorboard(cfg.save_dir, run.names, cfg.tensorboard) if run.main else None
     params = sum(p.numel() for p in de_parallel(run.model).parameters())
     if run.main:
         LOGGER.info(f"{params:,} parameters; {len(run.train_set)} train images, batch {cfg.batch_size} "
@@ -275,7 +278,8 @@ def end_of_epoch(run: Run, epoch: int, res: dict[str, Any], metrics: dict[str, f
                                f"(last.pt keeps epoch {epoch - 1})")
     if not cfg.noval or final:
         metrics = evaluate(run.ema.ema, run.val_loader, run.val_set, half=run.amp, log_summary=final,
-                           save_dir=save_dir if final else None, plots=final)
+                           save_dir=save_dir if final else None, plots=final,
+                           on_batch0=run.tb.batch0_hook(epoch) if run.tb else None)
         LOGGER.info(f"{'val':>22}: P {metrics['precision']:.3f}  R {metrics['recall']:.3f}  "
                     f"mAP50 {metrics['mAP50']:.4f}  mAP50-95 {metrics['mAP50_95']:.4f}")
     fi = fitness(metrics) if metrics else 0.0
@@ -286,6 +290,8 @@ def end_of_epoch(run: Run, epoch: int, res: dict[str, Any], metrics: dict[str, f
                     "metrics/mAP50": metrics.get("mAP50", ""), "metrics/mAP50-95": metrics.get("mAP50_95", ""),
                     **{f"x/lr{j}": lr for j, lr in enumerate(res["lr"])},
                     "nonfinite_steps": res["nonfinite"], "epoch_time_s": res["time_s"]})
+    if run.tb:
+        run.tb.add_row(run.log.read()[-1])
     ck = checkpoint_dict(run, epoch)
     save_checkpoint(ck, run.wdir / "last.pt")
     if run.best_epoch == epoch:
@@ -334,6 +340,8 @@ def summarize(run: Run, done: dict[str, Any], params: int, t_start: float) -> di
                               "train_images_per_s": done["images"] / done["train_time"] if done["train_time"] > 0
                               else 0.0, "wall_time_s": time.time() - t_start}
     if run.main:
+        if run.tb:
+            run.tb.close()
         if (run.wdir / "best.pt").exists():
             best = load_checkpoint(run.wdir / "best.pt")
             best["optimizer"] = None

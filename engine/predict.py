@@ -14,28 +14,34 @@ import torch
 import torch.nn as nn
 
 from data.augment import letterbox, scale_boxes_to_original
+from engine.backends import Backend, as_backend
 from utils.boxes import label_lines, non_max_suppression
 from utils.plots import default_line_width, draw_detections
 
 
-def preprocess(img_bgr: np.ndarray, img_size: int, stride: int, device: torch.device,
-               channels_last: bool) -> tuple[torch.Tensor, float, tuple[int, int]]:
-    """BGR (H0, W0, 3) uint8 -> letterboxed (minimal padding) RGB (1, 3, H, W) float 0..1, ratio, pad."""
-    img, r, pad = letterbox(img_bgr, img_size, stride=stride, auto=True)
+def preprocess(img_bgr: np.ndarray, img_size: int | tuple[int, int], stride: int, device: torch.device,
+               channels_last: bool, auto: bool = True) -> tuple[torch.Tensor, float, tuple[int, int]]:
+    """BGR (H0, W0, 3) uint8 -> letterboxed RGB (1, 3, H, W) float 0..1, ratio, pad. ``auto``: minimal padding
+    (to the next stride multiple); False pads to the full ``img_size`` (a fixed-shape exported model)."""
+    img, r, pad = letterbox(img_bgr, img_size, stride=stride, auto=auto)
     x = torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))).to(device)
     x = x.float().div_(255).unsqueeze(0)
     return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), r, pad
 
 
-def predict_image(model: nn.Module, img_bgr: np.ndarray, img_size: int, *, conf_thres: float, iou_thres: float,
-                  classes: Sequence[int] | None = None, agnostic: bool = False, max_det: int = 1000
+def predict_image(model: nn.Module | Backend, img_bgr: np.ndarray, img_size: int, *, conf_thres: float,
+                  iou_thres: float, classes: Sequence[int] | None = None, agnostic: bool = False, max_det: int = 1000
                   ) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Detections (n, 6) x1, y1, x2, y2, conf, cls in the image's own pixels (CPU), and the input shape used."""
-    device = next(model.parameters()).device
-    x, r, pad = preprocess(img_bgr, img_size, int(model.stride.max()), device, channels_last=device.type == "cpu")
+    """Detections (n, 6) x1, y1, x2, y2, conf, cls in the image's own pixels (CPU), and the input shape used.
+
+    ``model``: an nn.Module or any ``engine.backends.Backend``; a fixed-shape exported file gets its own input size.
+    """
+    backend = as_backend(model)
+    fixed = backend.fixed_shape
+    x, r, pad = preprocess(img_bgr, fixed or img_size, backend.stride, backend.device, backend.channels_last,
+                           auto=fixed is None)
     with torch.inference_mode():
-        out = model(x)
-    out = out[0] if isinstance(out, (list, tuple)) else out
+        out = backend(x)
     det = non_max_suppression(out.float(), conf_thres, iou_thres, classes=classes, agnostic=agnostic,
                               max_det=max_det)[0].cpu()
     return torch.as_tensor(scale_boxes_to_original(det, r, pad, img_bgr.shape[:2])), tuple(x.shape)

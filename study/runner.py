@@ -19,6 +19,7 @@ from engine.checkpoint import load_model
 from engine.config import TrainConfig, config_to_argv
 from engine.fit import best_row, fit
 from engine.loop import TrainingDiverged
+from engine.tensorboard import tensorboard_available
 from study.config import Cell, StudyConfig, cell_config
 from study.report import append_row, read_rows, write_reports
 from utils.dist import dist_env
@@ -158,4 +159,6 @@ def run_study(config: StudyConfig, save_dir: Path, runner: CellRunner | None = N
     if main:
         rows = read_rows(csv_path)
         write_reports(save_dir, config, rows)
+        if tensorboard_available():  # every cell's run folder holds its event file: one logdir overlays them all
+            LOGGER.info(f"study: curves of every cell: tensorboard --logdir {save_dir}")
     return rows

@@ -17,7 +17,7 @@ ALLOWED = {
     "engine": {"utils", "models", "data"},
     "study": {"utils", "models", "data", "engine"},
 }
-SCRIPT_MODULES = {"train", "val", "detect", "compare"}
+SCRIPT_MODULES = {"train", "val", "detect", "compare", "export", "hubconf"}
 SCRIPT_FOLDERS = {"benchmarks", "scripts"}
 
 

@@ -52,3 +52,17 @@ def test_cache_disk_is_refused_by_train_py(capsys: pytest.CaptureFixture) -> Non
     assert train.cli(["--cache", "disk", "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --cache disk: not implemented; use --cache ram (or no cache)"
+
+
+def test_config_to_argv_round_trips_through_train_flags() -> None:
+    """A study cell launched as a torchrun job gets train.py flags that rebuild exactly its TrainConfig."""
+    import argparse
+
+    from engine.config import TrainConfig, add_train_arguments, config_to_argv
+
+    cfg = TrainConfig(epochs=3, norm="syncbn", noval=True, exist_ok=True, img=64, cache="ram", nbs=16,
+                      tensorboard=False, amp="off", batch_size=4, seed=7, patience=0)
+    argv = config_to_argv(cfg)
+    assert "--no-tensorboard" in argv and "--exist-ok" in argv and "--data" not in argv  # defaults are left out
+    parsed = add_train_arguments(argparse.ArgumentParser()).parse_args(argv)
+    assert TrainConfig.from_namespace(parsed) == cfg

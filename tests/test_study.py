@@ -1,6 +1,7 @@
 """compare.py / study/ (config, runner, report): aggregation numbers, resume bookkeeping, reports, CLI errors, one real tiny study."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import re
@@ -298,6 +299,10 @@ def test_real_tiny_study_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
         assert Path(r["run_dir"]).is_dir() and not math.isnan(r["wall_time_s"])
     assert rows[0]["params"] == rows[1]["params"]  # the norm swap keeps the parameter count
     assert (save_dir / "study.png").is_file() and "| gn:C/16 |" in (save_dir / "study.md").read_text()
+    if importlib.util.find_spec("tensorboard") is not None:  # each cell's curves in the study tree, for overlaying
+        events = sorted(save_dir.rglob("events.out.tfevents.*"))
+        assert sorted(e.parent for e in events) == sorted(Path(r["run_dir"]) for r in rows)
+        assert all(e.is_relative_to(save_dir) for e in events)
 
 
 @pytest.mark.skipif(_train_available() is not None, reason=str(_train_available()))

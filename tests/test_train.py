@@ -1,6 +1,7 @@
 """train.py end to end on a tiny generated dataset: outputs, kill -9 + --resume, and 2-process DDP with SyncBN."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -91,16 +92,39 @@ def test_tiny_run_writes_everything(tmp_path: Path, capsys: pytest.CaptureFixtur
     loss = [sum(float(r[k]) for k in ("train/box_loss", "train/obj_loss", "train/cls_loss")) for r in rows]
     assert loss[-1] < loss[0]  # it learns
     assert float(rows[0]["x/lr0"]) > float(rows[0]["x/lr1"])  # bias lr warms down from warmup_bias_lr
+    check_tensorboard(run, rows)
 
     # a second run increments the folder; --norm overrides the YAML norm
-    res2 = train.main(train.parse_opt(argv[:2] + ["--epochs", "1", "--norm", "gn:C/16", "--noval"] + argv[4:]))
+    res2 = train.main(train.parse_opt(argv[:2] + ["--epochs", "1", "--norm", "gn:C/16", "--noval",
+                                                  "--no-tensorboard"] + argv[4:]))
     assert Path(res2["save_dir"]).name == "exp2"
+    assert not list(Path(res2["save_dir"]).glob("events.out.tfevents.*"))  # --no-tensorboard
     assert load_checkpoint(Path(res2["save_dir"]) / "weights" / "last.pt")["model_yaml"]["norm"] == "gn:C/16"
 
     # bad input: one line, exit code 2
     assert train.cli(["--data", str(data), "--img", "100", "--project", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --img 100")
+
+
+def check_tensorboard(run: Path, rows: list[dict[str, str]]) -> None:
+    """The run folder's event file holds every epoch's losses, mAP and lr (the results.csv values) and the first
+    validation batch image per epoch."""
+    if importlib.util.find_spec("tensorboard") is None:
+        pytest.skip("tensorboard not installed (requirements-export.txt)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    ev.Reload()
+    tags = ev.Tags()
+    assert {"train/box_loss", "train/obj_loss", "metrics/mAP50", "metrics/mAP50-95", "x/lr0"} <= set(tags["scalars"])
+    for key in ("train/box_loss", "metrics/mAP50-95", "x/lr1"):
+        events = ev.Scalars(key)
+        assert [e.step for e in events] == [0, 1, 2]
+        assert [e.value for e in events] == pytest.approx([float(r[key]) for r in rows], rel=1e-4, abs=1e-7)
+    images = ev.Images("val/batch0_pred")
+    assert [e.step for e in images] == [0, 1, 2]
+    assert images[0].width == images[0].height == 3 * 64  # the 8 val images in a 3 x 3 grid
 
 
 def test_kill9_then_resume(tmp_path: Path) -> None:

@@ -23,17 +23,6 @@ NAMES = ["circle", "square", "triangle", "star", "cross", "ring", "hexagon", "ar
 
 
 @pytest.fixture(scope="module")
-def syn_yaml(tmp_path_factory) -> Path:
-    """A 12-image val split of the built-in synthetic dataset (generated once into a temporary folder)."""
-    root = tmp_path_factory.mktemp("syn")
-    y = root / "syn.yaml"
-    y.write_text(f"path: {root / 'data'}\nformat: coco\ntrain: annotations/instances_train.json\n"
-                 "train_images: images/train\nval: annotations/instances_val.json\nval_images: images/val\n"
-                 f"synthetic: {{seed: 0, train: 2, val: 12}}\nnc: 10\nnames: {NAMES}\n")
-    return y
-
-
-@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     m = Model("cfg/models/yolo-n-bn.yaml", nc=10)

@@ -1,6 +1,7 @@
 """Small helpers shared by every script: logging, YAML loading, run folders, devices and seeds."""
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import random
@@ -30,6 +31,16 @@ def setup_logging(verbose: bool = True, rank: int = -1) -> None:
         LOGGER.addHandler(handler)
     LOGGER.setLevel(level)
     LOGGER.propagate = False
+
+
+def import_optional(module: str, purpose: str) -> Any:
+    """Import an optional dependency (onnx, onnxruntime, tensorboard) when a feature first needs it; a missing one is
+    a ConfigError saying what to install, so the core install stays lean."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{purpose} needs the '{module.split('.')[0]}' package: "
+                          "pip install -r requirements-export.txt") from None
 
 
 def load_yaml(path: str | Path, what: str = "YAML file") -> dict[str, Any]:
@@ -93,13 +104,17 @@ def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
 
 
 def run_cli(main: Callable[[Any], Any], parse_opt: Callable[[list[str] | None], Any],
-            argv: list[str] | None = None) -> int:
-    """Script entry point: ``main(parse_opt(argv))``; a ConfigError becomes 'error: ...' on stderr and exit code 2."""
+            argv: list[str] | None = None, failures: tuple[type[Exception], ...] = ()) -> int:
+    """Script entry point: ``main(parse_opt(argv))``; a ConfigError becomes 'error: ...' on stderr and exit code 2,
+    one of ``failures`` (the run itself failed, e.g. training diverged) 'error: ...' and exit code 1."""
     try:
         main(parse_opt(argv))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except failures as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

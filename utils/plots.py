@@ -76,7 +76,15 @@ def targets_per_image(targets: torch.Tensor, n: int, height: int, width: int) ->
 def plot_batch(imgs: torch.Tensor, boxes: Sequence[np.ndarray | torch.Tensor], names: Sequence[str],
                path: str | Path, paths: Sequence[str] | None = None, max_images: int = 16,
                max_size: int = 1920) -> Path:
-    """Save a mosaic of up to ``max_images`` batch images with their boxes.
+    """Save :func:`batch_mosaic` of the batch as an image file."""
+    path = Path(path)
+    cv2.imwrite(str(path), batch_mosaic(imgs, boxes, names, paths, max_images, max_size))
+    return path
+
+
+def batch_mosaic(imgs: torch.Tensor, boxes: Sequence[np.ndarray | torch.Tensor], names: Sequence[str],
+                 paths: Sequence[str] | None = None, max_images: int = 16, max_size: int = 1920) -> np.ndarray:
+    """A BGR uint8 mosaic of up to ``max_images`` batch images with their boxes.
 
     Args:
         imgs (Tensor): (N, 3, H, W) RGB in 0..1 (the letterboxed batch).
@@ -109,9 +117,7 @@ def plot_batch(imgs: torch.Tensor, boxes: Sequence[np.ndarray | torch.Tensor], n
         y, x = (i // cols) * th, (i % cols) * tw
         mosaic[y:y + th, x:x + tw] = tile
         cv2.rectangle(mosaic, (x, y), (x + tw - 1, y + th - 1), (255, 255, 255), 2)
-    path = Path(path)
-    cv2.imwrite(str(path), mosaic)
-    return path
+    return mosaic
 
 
 def _class_legend(ax, n: int) -> None:

@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,19 +26,14 @@ PHASES = ("data", "forward", "loss", "backward", "step+ema")
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="", help="dataset YAML (default: coco128 when present, else synthetic)")
-    p.add_argument("--cfg", default=str(ROOT / "cfg" / "models" / "yolo-n-bn.yaml"))
+    from engine.throughput import add_bench_arguments
+
+    p = add_bench_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--norm", default="bn")
-    p.add_argument("--img", type=int, default=320)
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--batches", type=int, default=16, help="timed batches (after --warmup)")
     p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--workers", type=int, default=-1, help="default: as train.py")
     p.add_argument("--top", type=int, default=12, help="operator rows of the profiler table (0: skip the profiler)")
     p.add_argument("--cache", action="store_true", help="decode the images into RAM first (train.py --cache)")
-    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="as train.py's --amp")
-    p.add_argument("--hyp", default=str(ROOT / "cfg" / "hyp" / "scratch.yaml"))
     return p.parse_args(argv)
 
 
@@ -92,16 +88,21 @@ def main(argv: list[str] | None = None) -> int:
                 total[k] += b - a
     if prof is not None:
         prof.__exit__(None, None, None)
+    setting = (f"{Path(data_cfg['yaml_file']).name}, {opt.img} px, batch {opt.batch_size}, norm {opt.norm}, "
+               f"{workers} workers, cache {opt.cache}, {torch.get_num_threads()} threads, amp {dtype}")
+    _report(setting, total, n, opt.batch_size, prof, opt.top)
+    return 0
+
+
+def _report(setting: str, total: dict[str, float], n: int, batch: int, prof: Any, top: int) -> None:
+    """Print the per-phase table (ms per batch, share) and the profiler's top operators."""
     step = sum(total.values())
-    print(f"\nprofile: {Path(data_cfg['yaml_file']).name}, {opt.img} px, batch {opt.batch_size}, norm {opt.norm}, "
-          f"{workers} workers, cache {opt.cache}, {torch.get_num_threads()} threads, amp {dtype}, {n} batches: {1000 * step / n:.0f} ms/batch, "
-          f"{n * opt.batch_size / step:.1f} images/s")
+    print(f"\nprofile: {setting}, {n} batches: {1000 * step / n:.0f} ms/batch, {n * batch / step:.1f} images/s")
     print("| phase | ms/batch | share |\n|---|---:|---:|")
     for k in PHASES:
         print(f"| {k} | {1000 * total[k] / n:.1f} | {100 * total[k] / step:.1f} % |")
     if prof is not None:
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=opt.top, max_name_column_width=40))
-    return 0
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40))
 
 
 def _forever(loader):

@@ -21,18 +21,13 @@ if str(ROOT) not in sys.path:
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="", help="dataset YAML (default: coco128 when present, else synthetic)")
-    p.add_argument("--cfg", default=str(ROOT / "cfg" / "models" / "yolo-n-bn.yaml"))
+    from engine.throughput import add_bench_arguments
+
+    p = add_bench_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--norms", nargs="+", default=["bn", "gn:C/16"])
-    p.add_argument("--img", type=int, default=320)
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2, help="timed passes over the data (after one warm-up pass)")
     p.add_argument("--max-batches", type=int, default=0, help="cap batches per pass (0: whole split)")
-    p.add_argument("--workers", type=int, default=-1, help="default: as train.py (engine.config.default_workers)")
     p.add_argument("--device", default="")
-    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="as train.py's --amp")
-    p.add_argument("--hyp", default=str(ROOT / "cfg" / "hyp" / "scratch.yaml"))
     return p.parse_args(argv)
 
 
@@ -55,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.fit import set_cpu_threads
 
     if opt.workers < 0:
-        opt.workers = default_workers(device.type)
+        opt.workers = default_workers()
     if device.type == "cpu":
         set_cpu_threads()
     rows = [train_throughput(n, opt.cfg, data_cfg, hyp, device, img=opt.img, batch_size=opt.batch_size,

@@ -18,12 +18,6 @@ from utils.general import ConfigError
 AMP_MODES = ("auto", "on", "off")
 
 
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16)."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu private probes; absent = no
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
-
-
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """The training autocast dtype for ``--amp mode`` on ``device``; None = plain float32."""
     if mode not in AMP_MODES:

@@ -21,12 +21,11 @@ DEFAULT_CFG = str(ROOT / "cfg" / "models" / "yolo-n-bn.yaml")
 DEFAULT_HYP = str(ROOT / "cfg" / "hyp" / "synthetic.yaml")
 
 
-def default_workers(device_type: str = "cpu") -> int:
+def default_workers() -> int:
     """Loader worker processes for ``--workers -1`` (auto): half the cores, 1 to 8 (on 2 cores: 1). Loading in the
     training process instead (``--workers 0``) measured 3.5 % faster on 2 cores with the RAM cache (32.1 vs 31.0
     images/s, docs/training.md#speed) but draws a different augmentation stream, so the default keeps one worker and
-    the numbers of earlier runs. ``device_type`` is accepted for callers that know it; the rule is the same."""
-    del device_type
+    the numbers of earlier runs."""
     return min(8, max(1, (os.cpu_count() or 1) // 2))
 
 
@@ -127,7 +126,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="write no TensorBoard event files (written to the run folder when tensorboard is installed)")
     p.add_argument("--amp", default=d.amp, choices=AMP_MODES,
                    help="mixed precision. auto: float16 + GradScaler on CUDA, float32 on CPU; on: also bfloat16 "
-                        "autocast on CPU (fast with AMX / AVX512-BF16, but not numerically neutral for BN); off: float32")
+                        "autocast on CPU (fast with AMX / AVX512-BF16, not numerically neutral for BN); "
+                        "off: float32")
     return p
 
 

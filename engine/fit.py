@@ -124,7 +124,7 @@ def setup(cfg: TrainConfig) -> tuple[TrainConfig, DistEnv, torch.device]:
     if device.type == "cpu":
         set_cpu_threads()
     if cfg.workers < 0:
-        cfg = replace(cfg, workers=default_workers(device.type))
+        cfg = replace(cfg, workers=default_workers())
     if env.world_size > 1:
         if cfg.batch_size % env.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size}: must be a multiple of the {env.world_size} processes")

@@ -87,10 +87,9 @@ def _memory_gb(device: torch.device) -> float:
 def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, optimizer: torch.optim.Optimizer,
                     schedule: Schedule, ema: ModelEMA | None, scaler: torch.amp.GradScaler, device: torch.device,
                     epoch: int, epochs: int, *, img_size: int, amp: bool, main: bool, world_size: int = 1,
-                    amp_dtype: torch.dtype | None = None,
-                    nonfinite_limit: int = 10, accum: dict[str, int] | None = None,
-                    flush: bool = True, plot_path: Path | None = None, names: list[str] | None = None
-                    ) -> dict[str, Any]:
+                    amp_dtype: torch.dtype | None = None, nonfinite_limit: int = 10,
+                    accum: dict[str, int] | None = None, flush: bool = True, plot_path: Path | None = None,
+                    names: list[str] | None = None) -> dict[str, Any]:
     """Train ``model`` for one pass over ``loader``.
 
     Gradients are accumulated over ``schedule.accumulate`` batches (nominal batch 64), counted across epochs as in
@@ -98,8 +97,7 @@ def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, op
     batches accumulated since) to every epoch; gradients left at an epoch's end carry into the next one.
     ``flush=True`` (the final epoch) steps on whatever is pending at the end. A batch whose loss is non-finite on any
     rank is skipped everywhere; ``nonfinite_limit`` in a row raise :class:`TrainingDiverged`. ``plot_path``: save
-    the first batch with its labels there (what augmentation made). ``amp``: autocast forward and loss in
-    ``amp_dtype`` (None: the device's default, float16 on CUDA, bfloat16 on CPU; see engine.amp).
+    the first batch with its labels there. ``amp``: autocast in ``amp_dtype`` (None: the device's, see engine.amp).
 
     Returns ``{'loss': [box, obj, cls] means, 'images', 'time_s', 'nonfinite', 'lr': [per group], 'steps'}``.
     """

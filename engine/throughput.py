@@ -2,6 +2,7 @@
 AMP on CUDA, nominal-batch accumulation and EMA, as train.py runs it (benchmarks/train_speed.py prints it)."""
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Any, Iterator
 
@@ -22,6 +23,18 @@ def default_data() -> str:
     """The benchmarks' dataset: coco128 when ../shared/coco128 exists beside the repository, else the built-in data."""
     coco128 = ROOT.parent / "shared" / "coco128" / "images" / "train2017"
     return str(ROOT / "cfg" / "data" / ("coco128.yaml" if coco128.is_dir() else "synthetic.yaml"))
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags benchmarks/train_speed.py and profile_train.py share: data, model, size, batch, workers, amp, hyp."""
+    p.add_argument("--data", default="", help="dataset YAML (default: coco128 when present, else synthetic)")
+    p.add_argument("--cfg", default=str(ROOT / "cfg" / "models" / "yolo-n-bn.yaml"))
+    p.add_argument("--img", type=int, default=320)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=-1, help="default: as train.py (engine.config.default_workers)")
+    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="as train.py's --amp")
+    p.add_argument("--hyp", default=str(ROOT / "cfg" / "hyp" / "scratch.yaml"))
+    return p
 
 
 class Capped:
@@ -72,4 +85,5 @@ def train_throughput(norm: str, cfg: str, data_cfg: dict[str, Any], hyp: dict[st
             images += res["images"]
             secs += time.perf_counter() - t0
     return {"norm": norm, "images": images, "seconds": secs, "images_per_s": images / secs,
-            "params": sum(p.numel() for p in model.parameters()), "amp": str(dtype).replace("torch.", "") if dtype else "off"}
+            "params": sum(p.numel() for p in model.parameters()),
+            "amp": str(dtype).replace("torch.", "") if dtype else "off"}

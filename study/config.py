@@ -38,7 +38,8 @@ from utils.general import LOGGER, ROOT, ConfigError, increment_path, load_yaml, 
 # docs/compare.md gives the arithmetic and how the length was chosen (not from BN-vs-GN differences).
 PRESETS: dict[str, dict[str, Any]] = {
     "gn-paper": {
-        "data": str(ROOT / "cfg" / "data" / "synthetic-study.yaml"), "norms": ["bn", "gn:C/16"], "batch_sizes": [16, 4, 2],
+        "data": str(ROOT / "cfg" / "data" / "synthetic-study.yaml"), "norms": ["bn", "gn:C/16"],
+        "batch_sizes": [16, 4, 2],
         "seeds": [0, 1, 2], "epochs": 5, "img": 224, "nbs": 16,
     },
 }
@@ -98,7 +99,8 @@ class StudyConfig:
         # accumulation rounds nbs / (nproc x batch): only divisors keep the effective batch at exactly nbs
         bad = [b for b in self.batch_sizes if b < 1 or b * self.nproc > self.nbs or self.nbs % (b * self.nproc)]
         if bad:
-            divisors = ", ".join(str(d) for d in range(self.nbs // self.nproc, 0, -1) if self.nbs % (d * self.nproc) == 0)
+            divisors = ", ".join(str(d) for d in range(self.nbs // self.nproc, 0, -1)
+                                 if self.nbs % (d * self.nproc) == 0)
             procs = f" x {self.nproc} processes" if self.nproc > 1 else ""
             raise ConfigError(f"--batch-sizes: {bad[0]}{procs} does not divide the nominal batch {self.nbs}, so the "
                               f"effective batch would differ between cells (use {divisors})")

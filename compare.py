@@ -47,6 +47,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=1,
                    help="processes per run: each cell becomes a torchrun job (gloo on CPU) with the cell's batch per "
                         "process, so syncbn normalises over nproc x batch images and bn over batch")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="cells trained side by side, each a train.py process with cores/jobs threads (default 1; "
+                        "the gn-paper preset: 2). Changes no cell's settings; may be changed on --resume")
     p.add_argument("--train-args", default="",
                    help="extra train.py flags for every run, written with '=': --train-args='--cos-lr --cache ram'")
     p.add_argument("--project", default=str(ROOT / "runs/compare"))

@@ -26,11 +26,13 @@ SCALE_BINS = [(0.30, 11, 28), (0.50, 34, 90), (0.20, 100, 200)]  # (probability,
 SPLITS = {"train": 0, "val": 1}
 # Variants: "default" is the built-in dataset above. "study" is the BN-vs-GN study's smaller, easier variant
 # (compare.py --preset gn-paper): 192-256 px images, objects of COCO medium size and up only, at most 5 per image,
-# lighter clutter, so short runs get far enough to compare norms. Same classes, renderer and randomness.
+# lighter clutter, and six of the ten classes (the most distinct outlines), so short runs get far enough to compare
+# norms. Same renderer and randomness. "classes" (optional) is the subset a variant draws, in category-id order.
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {"sizes": SIZES, "bins": SCALE_BINS, "objects": (1, 9), "clutter": (3, 12)},
     "study": {"sizes": [(224, 224), (256, 256), (256, 192), (192, 256), (224, 192), (192, 224)],
-              "bins": [(0.55, 32, 72), (0.45, 72, 150)], "objects": (1, 6), "clutter": (1, 5)},
+              "bins": [(0.55, 32, 72), (0.45, 72, 150)], "objects": (1, 6), "clutter": (1, 5),
+              "classes": ["circle", "square", "triangle", "star", "cross", "arrow"]},
 }
 
 
@@ -135,6 +137,7 @@ def render_image(seed: int, split: str, index: int, variant: str = "default"
                  ) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
     """One image (BGR uint8) and its objects as (class index, [x, y, w, h]) in pixels."""
     v = VARIANTS[variant]
+    classes = variant_classes(variant)
     rng = np.random.default_rng([seed, SPLITS[split], index])
     w, h = v["sizes"][int(rng.integers(len(v["sizes"])))]
     img = _background(rng, h, w)
@@ -142,7 +145,7 @@ def render_image(seed: int, split: str, index: int, variant: str = "default"
     boxes: list[np.ndarray] = []
     objs = []
     for _ in range(int(rng.integers(*v["objects"]))):
-        c = int(rng.integers(len(CLASSES)))
+        c = int(rng.integers(len(classes)))
         p = rng.random()
         lo, hi = next((lo, hi) for q, lo, hi in _cum_bins(v["bins"]) if p < q)
         side = float(np.exp(rng.uniform(np.log(lo), np.log(min(hi, 0.7 * min(h, w))))))
@@ -152,7 +155,7 @@ def render_image(seed: int, split: str, index: int, variant: str = "default"
         S = np.diag([np.sqrt(asp), 1 / np.sqrt(asp)])
         for _try in range(25):  # rejection sampling keeps occlusion partial
             ctr = rng.uniform([0.35 * side, 0.35 * side], [w - 0.35 * side, h - 0.35 * side])
-            polys = [(p_ @ S.T @ R.T) * (side / 2) for p_ in SHAPES[CLASSES[c]]]
+            polys = [(p_ @ S.T @ R.T) * (side / 2) for p_ in SHAPES[classes[c]]]
             pts = np.concatenate(polys)
             ext = (pts.max(0) - pts.min(0)).max()
             polys = [q * (side / ext) + ctr for q in polys]  # longest box side == side
@@ -170,6 +173,11 @@ def render_image(seed: int, split: str, index: int, variant: str = "default"
     if rng.random() < 0.3:
         img = cv2.GaussianBlur(img, (3, 3), 0)
     return img, objs
+
+
+def variant_classes(variant: str) -> list[str]:
+    """The class names a variant draws, in category-id order (a variant may use a subset of CLASSES)."""
+    return list(VARIANTS[variant].get("classes", CLASSES))
 
 
 def _cum_bins(bins: list[tuple[float, int, int]]) -> list[tuple[float, int, int]]:
@@ -253,7 +261,8 @@ def generate(out: str | Path, seed: int = 0, n_train: int = 2000, n_val: int = 5
                     bar.update(len(res))
             coco = {"info": {"description": "NormYOLO synthetic shapes", "version": "1", "seed": seed},
                     "licenses": [], "images": images, "annotations": anns,
-                    "categories": [{"id": i + 1, "name": n_, "supercategory": "shape"} for i, n_ in enumerate(CLASSES)]}
+                    "categories": [{"id": i + 1, "name": n_, "supercategory": "shape"}
+                                   for i, n_ in enumerate(variant_classes(variant))]}
             (out / "annotations").mkdir(parents=True, exist_ok=True)
             (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
             stats[split] = {"images": len(images), "boxes": len(anns)}

@@ -2,6 +2,7 @@
 writers), then a flat loop of ``train_one_epoch`` and ``end_of_epoch`` (validate, record, checkpoint, stop early)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -29,7 +30,8 @@ from models.norm import convert_sync_batchnorm
 from models.yolo import Model
 from utils import dist as du
 from utils.dist import DistEnv, de_parallel
-from utils.general import LOGGER, ConfigError, increment_path, init_seeds, select_device, setup_logging
+from utils.general import (LOGGER, ConfigError, increment_path, init_seeds, select_device, setup_logging,
+                           write_text_atomic)
 from utils.hyp import load_hyp
 
 
@@ -347,6 +349,8 @@ def summarize(run: Run, done: dict[str, Any], params: int, t_start: float) -> di
             best["optimizer"] = None
             save_checkpoint(best, run.wdir / "best.pt")
         result.update(best_row(run.log.read()))
+        # the same dict for whoever launched train.py as a process (compare.py --jobs / --nproc)
+        write_text_atomic(Path(run.cfg.save_dir) / "summary.json", json.dumps(result, indent=2))
         LOGGER.info(f"{result['epochs'] - run.start_epoch} epochs in {result['wall_time_s'] / 3600:.3f} h; "
                     f"best epoch {result['best_epoch']}: mAP50 {result['mAP50']:.4f}, "
                     f"mAP50-95 {result['mAP50_95']:.4f}; results saved to {run.cfg.save_dir}")

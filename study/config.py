@@ -32,15 +32,17 @@ from utils.dist import dist_env
 from utils.general import LOGGER, ROOT, ConfigError, increment_path, load_yaml, write_text_atomic
 
 # Ready-made studies. gn-paper: the Group Normalization paper's question (BN vs GN with 16 channels per group as the
-# per-step batch shrinks) on the study variant of the built-in data (cfg/data/synthetic-study.yaml: 192-256 px
-# images, medium and large objects), sized for 18 runs in <= 60 min on 2 CPU cores: 2,000 images x EPOCHS epochs per
-# run at 224 px, nominal batch 16. Every cell has the same settings apart from the norm and the per-step batch;
-# docs/compare.md gives the arithmetic and how the length was chosen (not from BN-vs-GN differences).
+# per-step batch shrinks) on the study variant of the built-in data (cfg/data/synthetic-study.yaml: six shape
+# classes, 192-256 px images, medium and large objects), sized for 18 runs in <= 60 min on 2 CPU cores: 2,000 images
+# x 5 epochs per run at 192 px, nominal batch 16, two cells at a time with one thread each (jobs: an execution
+# setting, not a cell setting). Every cell has the same settings apart from the norm and the per-step batch;
+# docs/compare.md gives the arithmetic and how the length was chosen (on BN and GN at batch 16 with a seed outside
+# the study, never on BN-vs-GN differences).
 PRESETS: dict[str, dict[str, Any]] = {
     "gn-paper": {
         "data": str(ROOT / "cfg" / "data" / "synthetic-study.yaml"), "norms": ["bn", "gn:C/16"],
         "batch_sizes": [16, 4, 2],
-        "seeds": [0, 1, 2], "epochs": 5, "img": 224, "nbs": 16,
+        "seeds": [0, 1, 2], "epochs": 5, "img": 192, "nbs": 16, "jobs": 2,
     },
 }
 
@@ -82,6 +84,8 @@ class StudyConfig:
     infer_batch: int = 8  # images per forward when timing inference (a few batches after training)
     nbs: int = NOMINAL_BATCH  # nominal batch (images per optimizer step), the same in every cell
     nproc: int = 1  # > 1: every cell is a torchrun job of nproc processes, each with the cell's batch
+    jobs: int = 1  # cells trained side by side (each a train.py process with cores / jobs threads); not a setting
+    # of any cell, so --resume may change it
 
     def validate(self) -> None:
         """Raise ConfigError (one line) for an empty or duplicated grid or impossible numbers."""
@@ -96,6 +100,8 @@ class StudyConfig:
             raise ConfigError(f"--nbs: expected a positive nominal batch, got {self.nbs}")
         if self.nproc < 1:
             raise ConfigError(f"--nproc: expected 1 or more processes, got {self.nproc}")
+        if self.jobs < 1:
+            raise ConfigError(f"--jobs: expected 1 or more cells at a time, got {self.jobs}")
         # accumulation rounds nbs / (nproc x batch): only divisors keep the effective batch at exactly nbs
         bad = [b for b in self.batch_sizes if b < 1 or b * self.nproc > self.nbs or self.nbs % (b * self.nproc)]
         if bad:
@@ -176,7 +182,9 @@ def config_from_args(opt: Any, defaults: dict[str, Any]) -> StudyConfig:
                          batch_sizes=[int(b) for b in pick["batch_sizes"]], seeds=[int(s) for s in pick["seeds"]],
                          epochs=int(pick["epochs"]), img=int(pick["img"]), hyp=opt.hyp, device=str(opt.device),
                          workers=int(opt.workers), train_args=extra, nbs=int(pick.get("nbs", NOMINAL_BATCH)),
-                         nproc=int(getattr(opt, "nproc", 1)))
+                         nproc=int(getattr(opt, "nproc", 1)),
+                         jobs=int(getattr(opt, "jobs", None) or PRESETS.get(getattr(opt, "preset", None) or "", {})
+                                  .get("jobs", 1)))
     owned = sorted(set(train_overrides(extra)) & set(cell_settings(config, Cell("bn", 1, 0), Path("."))))
     if owned:  # these are the study's own settings: a silent override would make cells differ unseen
         flag = "--" + owned[0].replace("_", "-")
@@ -250,6 +258,9 @@ def open_study(opt: Any, defaults: dict[str, Any]) -> tuple[StudyConfig, Path]:
         config = StudyConfig.load(save_dir / "study.yaml")
         if opt.device:  # the hardware may change between sessions; the grid and training settings may not
             config.device = opt.device
+        if getattr(opt, "jobs", None):
+            config.jobs = int(opt.jobs)
+            config.validate()
         LOGGER.info(f"compare: resuming {save_dir} with its saved settings")
         return config, save_dir
     config = config_from_args(opt, defaults)

@@ -2,14 +2,16 @@
 each row lands in study.csv as soon as its run finishes, so an interrupted study resumes where it stopped."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -68,7 +70,10 @@ def run_cell(config: StudyConfig, cell: Cell, runs_dir: Path) -> dict[str, Any]:
     cfg = cell_config(config, cell, runs_dir)
     base = {"norm": cell.norm, "batch_size": cell.batch_size, "seed": cell.seed, "img_size": config.img}
     try:
-        res = fit(cfg) if config.nproc == 1 else fit_torchrun(cfg, config.nproc)
+        if config.nproc == 1 and config.jobs == 1:
+            res = fit(cfg)
+        else:  # its own process(es), so that cells can run side by side with their share of the cores
+            res = fit_subprocess(cfg, config.nproc, threads=cell_threads(config))
     except TrainingDiverged as e:
         LOGGER.warning(f"study: {cell.run_name} diverged ({e}); recorded as 'diverged'")
         return {**base, "status": "diverged", "epochs": config.epochs, "mAP50": math.nan, "mAP50-95": math.nan,
@@ -89,25 +94,64 @@ def run_cell(config: StudyConfig, cell: Cell, runs_dir: Path) -> dict[str, Any]:
     }
 
 
-def fit_torchrun(cfg: TrainConfig, nproc: int) -> dict[str, Any]:
-    """Train one cell as a torchrun job of ``nproc`` processes (gloo on CPU): ``cfg.batch_size`` images per process,
-    so BN normalises over that many and SyncBN over nproc times as many. Returns fit()'s keys from results.csv
-    (training images/s is not reported back by the job: NaN)."""
+def cell_threads(config: StudyConfig) -> int:
+    """Intra-op threads of each training process: the cores shared out over jobs x nproc processes."""
+    return max(1, (os.cpu_count() or 1) // (config.jobs * config.nproc))
+
+
+def fit_subprocess(cfg: TrainConfig, nproc: int = 1, threads: int = 1) -> dict[str, Any]:
+    """Train one cell as a ``train.py`` process (``nproc`` > 1: a torchrun job, gloo on CPU) with ``threads``
+    intra-op threads each. Under torchrun ``cfg.batch_size`` is per process, so BN normalises over that many images
+    and SyncBN over nproc times as many. Returns fit()'s keys, read from the run's results.csv and summary.json
+    (training images/s over all processes, parameter count)."""
     save_dir = Path(cfg.project) / cfg.name
     total = replace(cfg, batch_size=cfg.batch_size * nproc)  # train.py's --batch-size is over all processes
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *config_to_argv(total)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, str(ROOT / "train.py"), *config_to_argv(total)]
     save_dir.mkdir(parents=True, exist_ok=True)
-    log = save_dir.parent / f"{cfg.name}.torchrun.log"
+    log = save_dir.parent / f"{cfg.name}.{'torchrun' if nproc > 1 else 'train'}.log"
     with open(log, "w") as f:
         code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if code == 1 and "diverged" in log.read_text(errors="replace"):
-        raise TrainingDiverged(f"torchrun job diverged (see {log})")
+        raise TrainingDiverged(f"the run diverged (see {log})")
     if code:
-        raise ConfigError(f"study: the torchrun job of {cfg.name} failed with exit code {code}; its log: {log}")
+        raise ConfigError(f"study: the training job of {cfg.name} failed with exit code {code}; its log: {log}")
     rows = read_results(save_dir / "results.csv")
-    return {"save_dir": str(save_dir), "epochs": len(rows), "train_images_per_s": math.nan, **best_row(rows)}
+    summary = {}  # written by rank 0's fit() at the end of the run
+    if (save_dir / "summary.json").is_file():
+        summary = json.loads((save_dir / "summary.json").read_text())
+    return {"save_dir": str(save_dir), "epochs": len(rows), "params": int(summary.get("params", 0)),
+            "train_images_per_s": float(summary.get("train_images_per_s", math.nan)), **best_row(rows)}
+
+
+def _run_side_by_side(config: StudyConfig, todo: list[Cell], runs_dir: Path, runner: CellRunner,
+                      record: Callable[[dict[str, Any]], None]) -> None:
+    """Train up to ``config.jobs`` cells at once (each its own train.py process with its share of the cores), in
+    grid order, recording each row as it finishes. After a failure no new cell starts; the running ones finish and
+    are recorded, then the first error is raised."""
+    torch.set_num_threads(cell_threads(config))  # this process only times inference beside the running cells
+    pending, running = list(todo), set()
+    error: BaseException | None = None
+    pool = ThreadPoolExecutor(config.jobs, thread_name_prefix="study-cell")
+    try:
+        while pending or running:
+            failed = [f for f in running if f.done() and f.exception() is not None]
+            error = error or (failed[0].exception() if failed else None)  # seen before starting another cell
+            while pending and error is None and len(running) < config.jobs:
+                running.add(pool.submit(runner, config, pending.pop(0), runs_dir))
+            if not running:
+                break
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                if fut.exception() is not None:
+                    error = error or fut.exception()
+                else:
+                    record(fut.result())
+    finally:
+        pool.shutdown(wait=error is not None, cancel_futures=True)
+    if error is not None:
+        raise error
 
 
 def _is_main_rank() -> bool:
@@ -142,18 +186,26 @@ def run_study(config: StudyConfig, save_dir: Path, runner: CellRunner | None = N
     runs_dir = save_dir / "runs"
     bar = tqdm(total=len(cells), initial=len(skipped), desc="study", unit="run", disable=not (progress and main),
                dynamic_ncols=True)
-    try:
+    if main:
         for cell in todo:
-            bar.set_postfix_str(cell.run_name)
             partial = runs_dir / cell.run_name
-            if main and partial.exists():
+            if partial.exists():
                 LOGGER.info(f"study: discarding the incomplete run folder {partial} (interrupted earlier)")
                 shutil.rmtree(partial)
-            row = runner(config, cell, runs_dir)
-            if main:
-                append_row(csv_path, row)
-                write_reports(save_dir, config, read_rows(csv_path))
-            bar.update(1)
+
+    def record(row: dict[str, Any]) -> None:
+        if main:
+            append_row(csv_path, row)
+            write_reports(save_dir, config, read_rows(csv_path))
+        bar.update(1)
+
+    try:
+        if config.jobs == 1:
+            for cell in todo:
+                bar.set_postfix_str(cell.run_name)
+                record(runner(config, cell, runs_dir))
+        else:
+            _run_side_by_side(config, todo, runs_dir, runner, record)
     finally:
         bar.close()
     if main:

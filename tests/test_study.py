@@ -279,20 +279,25 @@ def test_gn_paper_preset_is_the_18_run_grid(tmp_path: Path, monkeypatch: pytest.
     assert {(c.norm, c.batch_size, c.seed) for _, c in calls} == {
         (n, b, s) for n in ("bn", "gn:C/16") for b in (16, 4, 2) for s in (0, 1, 2)}
     config = calls[0][0]
-    assert (config.epochs, config.img, config.nbs, Path(config.data).name) == (5, 224, 16, "synthetic-study.yaml")
+    assert (config.epochs, config.img, config.nbs, Path(config.data).name) == (5, 192, 16, "synthetic-study.yaml")
+    assert config.jobs == 2  # two cells side by side, one thread each (docs/compare.md: the time budget)
     assert "| gn:C/16 − bn |" in (save_dir / "study.md").read_text()
 
 
 @pytest.mark.skipif(_train_available() is not None, reason=str(_train_available()))
-def test_real_tiny_study_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
-    """2 norms × 1 batch × 1 seed, 1 epoch, on a tiny synthetic dataset: real engine.fit + validation per cell."""
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_real_tiny_study_end_to_end(tiny_data: Path, tmp_path: Path, jobs: int) -> None:
+    """2 norms × 1 batch × 1 seed, 1 epoch, on a tiny synthetic dataset: real engine.fit + validation per cell;
+    jobs=2: both cells at once, each a train.py process."""
     data_yaml = tiny_data
     argv = ["--data", str(data_yaml), "--norms", "bn", "gn:C/16", "--batch-sizes", "4", "--seeds", "0",
             "--epochs", "1", "--img", "64", "--device", "cpu", "--workers", "0", "--project", str(tmp_path),
-            "--name", "tiny", "--train-args=--noautoanchor"]
+            "--name", "tiny", "--train-args=--noautoanchor", "--jobs", str(jobs)]
     save_dir = compare.main(compare.parse_opt(argv))
-    rows = report.read_rows(save_dir / "study.csv")
+    rows = sorted(report.read_rows(save_dir / "study.csv"), key=lambda r: r["norm"])
     assert [(r["norm"], r["batch_size"], r["seed"]) for r in rows] == [("bn", 4, 0), ("gn:C/16", 4, 0)]
+    logs = sorted(p.name for p in (save_dir / "runs").glob("*.train.log"))
+    assert logs == ([] if jobs == 1 else ["bn-b4-s0.train.log", "gn-C16-b4-s0.train.log"])
     for r in rows:
         assert 0.0 <= r["mAP50-95"] <= r["mAP50"] <= 1.0
         assert r["params"] > 0 and r["train_img_per_s"] > 0 and r["infer_ms_per_img"] > 0
@@ -320,6 +325,53 @@ def test_syncbn_cells_run_as_torchrun_jobs(tiny_data: Path, tmp_path: Path) -> N
     assert "cpu x 2 process(es), amp None" in log, log[-2000:]
     opt = (save_dir / "runs" / "syncbn-b2-s0" / "opt.yaml").read_text()
     assert "batch_size: 4" in opt and "norm: syncbn" in opt  # 2 processes x 2 images
+
+
+def test_jobs_train_cells_side_by_side_and_keep_finished_rows_after_a_failure(tmp_path: Path) -> None:
+    """--jobs 2: two cells run at once, in grid order; when one fails, no new cell starts, the cell still running
+    finishes and is recorded, then the error is raised."""
+    import threading
+    import time
+
+    lock, running, peak, started, failed_at = threading.Lock(), [0], [0], [], []
+    bad = study.Cell("bn", 2, 1)  # the 7th cell in seed-major order
+
+    def fake(config, cell, runs_dir):
+        with lock:
+            started.append((cell, time.monotonic()))
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.0 if cell == bad else 0.1)
+            if cell == bad:
+                failed_at.append(time.monotonic())
+                raise ConfigError("cell failed")
+            return _fake_row(cell, runs_dir)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    cfg = _config(jobs=2)
+    with pytest.raises(ConfigError, match="cell failed"):
+        runner.run_study(cfg, tmp_path, runner=fake, progress=False)
+    cells = [c for c, _ in started]
+    assert peak[0] == 2 and cells == cfg.cells()[:len(cells)] and cfg.cells().index(bad) == 6
+    assert 7 <= len(cells) <= 8 and max(t for _, t in started) <= failed_at[0]  # nothing new after the failure
+    recorded = {(r["norm"].lower(), r["batch_size"], r["seed"]) for r in report.read_rows(tmp_path / "study.csv")}
+    assert recorded == {c.key for c in cells if c != bad}  # the cell running beside the failure was recorded
+
+
+def test_jobs_split_the_cores_and_may_change_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 8)
+    assert runner.cell_threads(_config(jobs=2)) == 4 and runner.cell_threads(_config(jobs=2, nproc=2, nbs=64)) == 2
+    assert runner.cell_threads(_config(jobs=16)) == 1
+    with pytest.raises(ConfigError, match="--jobs: expected 1 or more"):
+        _config(jobs=0).validate()
+    monkeypatch.setattr(runner, "run_cell", lambda cfg, cell, runs: _fake_row(cell, runs))
+    save_dir = compare.main(compare.parse_opt(["--preset", "gn-paper", "--project", str(tmp_path), "--jobs", "1"]))
+    assert study.StudyConfig.load(save_dir / "study.yaml").jobs == 1
+    cfg, _ = study.open_study(compare.parse_opt(["--resume", str(save_dir), "--jobs", "3"]), compare.DEFAULTS)
+    assert cfg.jobs == 3
 
 
 def test_nproc_must_divide_the_nominal_batch() -> None:

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data.synthetic import CLASSES, generate, main, render_image
+from data.synthetic import CLASSES, generate, main, render_image, variant_classes
 
 
 @pytest.fixture(autouse=True)
@@ -145,6 +145,11 @@ def test_study_variant_is_smaller_and_easier_and_leaves_the_default_unchanged():
     assert 192 <= min(sides) and max(sides) <= 256
     assert min(per_img) >= 1 and max(per_img) <= 5
     assert np.quantile(areas, 0.05) > 16 ** 2 and (np.array(areas) < 32 ** 2).mean() < 0.1
+    # six of the ten classes, ids 0-5 in the variant's own order (the study's data YAML has nc: 6)
+    assert variant_classes("study") == ["circle", "square", "triangle", "star", "cross", "arrow"]
+    assert variant_classes("default") == CLASSES
+    seen = {o[0] for i in range(60) for o in render_image(0, "val", i, "study")[1]}
+    assert seen == set(range(6))
     img_d, objs_d = render_image(0, "train", 5)
     img_v, objs_v = render_image(0, "train", 5, "default")
     assert np.array_equal(img_d, img_v) and objs_d == objs_v

@@ -194,6 +194,7 @@ def run_study(config: StudyConfig, save_dir: Path, runner: CellRunner | None = N
                 shutil.rmtree(partial)
 
     def record(row: dict[str, Any]) -> None:
+        row = {**row, "finished_at": time.time()}  # with wall_time_s: the study's elapsed time under --jobs
         if main:
             append_row(csv_path, row)
             write_reports(save_dir, config, read_rows(csv_path))

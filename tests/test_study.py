@@ -361,6 +361,19 @@ def test_jobs_train_cells_side_by_side_and_keep_finished_rows_after_a_failure(tm
     assert recorded == {c.key for c in cells if c != bad}  # the cell running beside the failure was recorded
 
 
+def test_time_line_gives_the_elapsed_time_of_cells_run_side_by_side(tmp_path: Path) -> None:
+    """Cells A (1000-1100 s) and B (1000-1150 s) side by side, then C (1150-1250 s): summed 350 s = 5.8 min,
+    elapsed 250 s = 4.2 min. Rows written by an older version (no finished_at) give the sum only."""
+    cfg = _config(norms=["bn"], batch_sizes=[8], seeds=[0, 1, 2], jobs=2)
+    rows = [{**_fake_row(c, tmp_path), "wall_time_s": w, "finished_at": e}
+            for c, w, e in zip(cfg.cells(), (100.0, 150.0, 100.0), (1100.0, 1150.0, 1250.0))]
+    report.write_rows(tmp_path / "study.csv", rows)
+    md = report.render_markdown(cfg, report.read_rows(tmp_path / "study.csv"))
+    assert "summed: 5.8 min; elapsed: 4.2 min with 2 cell(s) at a time." in md
+    old = [{k: v for k, v in r.items() if k != "finished_at"} for r in rows]
+    assert "summed: 5.8 min (2 cells at a time)." in report.render_markdown(cfg, old)
+
+
 def test_jobs_split_the_cores_and_may_change_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner.os, "cpu_count", lambda: 8)
     assert runner.cell_threads(_config(jobs=2)) == 4 and runner.cell_threads(_config(jobs=2, nproc=2, nbs=64)) == 2

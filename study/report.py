@@ -131,6 +131,7 @@ def render_markdown(config: StudyConfig, rows: Sequence[dict[str, Any]]) -> str:
         f"({', '.join(map(str, config.seeds))}), {len(rows)} of {len(config.cells())} runs finished.",
         "",
         head + "".join(f"| {n} | " + " | ".join(cell(n, b) for b in bs) + " |\n" for n in config.norms),
+        _per_seed_table(config, rows),
         _paired_table(config, rows, ref),
         _trend_table(config, rows),
         f"Every run uses gradient accumulation to a nominal batch of {config.nbs} images per optimizer step, so "
@@ -144,6 +145,22 @@ def render_markdown(config: StudyConfig, rows: Sequence[dict[str, Any]]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _per_seed_table(config: StudyConfig, rows: Sequence[dict[str, Any]]) -> str:
+    """Every run's mAP50-95 (×100): a row per norm and batch size, a column per seed ('div.' = diverged)."""
+    found = {(str(r["norm"]).lower(), int(r["batch_size"]), int(r["seed"])): r for r in rows}
+
+    def value(n: str, b: int, seed: int) -> str:
+        r = found.get((n.lower(), b, seed))
+        if r is None:
+            return "—"
+        return "div." if r.get("status") == "diverged" else f"{100 * float(r['mAP50-95']):.2f}"
+
+    body = "".join(f"| {n} | {b} | " + " | ".join(value(n, b, s_) for s_ in config.seeds) + " |\n"
+                   for n in config.norms for b in config.batch_sizes)
+    return ("**Every run** (mAP50-95 ×100):\n\n| norm | batch | " + " | ".join(f"seed {s_}" for s_ in config.seeds)
+            + " |\n|---|---:|" + "---:|" * len(config.seeds) + "\n" + body)
 
 
 def _time_line(config: StudyConfig, rows: Sequence[dict[str, Any]]) -> str:

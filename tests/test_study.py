@@ -372,6 +372,8 @@ def test_time_line_gives_the_elapsed_time_of_cells_run_side_by_side(tmp_path: Pa
     assert "summed: 5.8 min; elapsed: 4.2 min with 2 cell(s) at a time." in md
     old = [{k: v for k, v in r.items() if k != "finished_at"} for r in rows]
     assert "summed: 5.8 min (2 cells at a time)." in report.render_markdown(cfg, old)
+    seeds = _md_cells(md, "bn | 8")[1:]  # the per-run table: one column per seed
+    assert seeds == [f"{100 * r['mAP50-95']:.2f}" for r in rows]
 
 
 def test_jobs_split_the_cores_and_may_change_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

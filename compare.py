@@ -1,6 +1,6 @@
 """Norm × batch size × seed study: every cell a real train.py + val run; study.csv, study.md and study.png.
 
-    python compare.py --preset gn-paper                                   # BN vs GN C/16, batch 16/8/4/2, 2 seeds
+    python compare.py --preset gn-paper                                   # BN vs GN C/16, batch 16/4/2, 3 seeds
     python compare.py --data cfg/data/synthetic.yaml --cfg cfg/models/yolo-n-bn.yaml \
         --norms bn gn:C/16 gn:32 ln in --batch-sizes 16 8 4 2 --seeds 0 1 --epochs 30 --img 320
     python compare.py --resume runs/compare/gn-paper                      # only the cells not in study.csv

@@ -62,6 +62,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--normyolo-args", default="", help="extra train.py flags, e.g. '--amp off'")
     p.add_argument("--out", default=str(ROOT / "runs" / "peer_speed"))
+    p.add_argument("--skip-train", action="store_true", help="only the forward timings (alternated --rounds times)")
     p.add_argument("--skip-forward", action="store_true")
     return p.parse_args(argv)
 
@@ -114,19 +115,34 @@ def train_rounds(opt: argparse.Namespace, out: Path, data_v5: Path) -> dict[str,
     return per_epoch
 
 
-def forward_rows(opt: argparse.Namespace, out: Path) -> list[tuple[int, float, float]]:
+def forward_rows(opt: argparse.Namespace, out: Path) -> list[tuple[int, list[float], list[float]]]:
+    """(batch, NormYOLO ms/img per round, YOLOv5n ms/img per round): each timing in its own process, the two
+    programs alternating (round 0 NormYOLO first, round 1 YOLOv5 first, ...)."""
+    sides = {"normyolo": (sys.executable, ROOT, dict(os.environ)),
+             "yolov5": (opt.python, Path(opt.yolov5), yolov5_env(out))}
     rows = []
     for batch in (1, 32):
-        ms = {}
-        for side, py, cwd, env in (("normyolo", sys.executable, ROOT, dict(os.environ)),
-                                   ("yolov5", opt.python, Path(opt.yolov5), yolov5_env(out))):
-            r = subprocess.run([py, "-c", FORWARD, str(batch), str(opt.img), side], cwd=cwd, env=env,
-                               capture_output=True, text=True)
-            if r.returncode:
-                raise SystemExit(f"error: forward timing of {side} failed: {r.stderr.strip().splitlines()[-1:]}")
-            ms[side] = json.loads(r.stdout.strip().splitlines()[-1])["ms_per_image"]
+        ms: dict[str, list[float]] = {"normyolo": [], "yolov5": []}
+        for r in range(opt.rounds):
+            for side in (["normyolo", "yolov5"] if r % 2 == 0 else ["yolov5", "normyolo"]):
+                py, cwd, env = sides[side]
+                res = subprocess.run([py, "-c", FORWARD, str(batch), str(opt.img), side], cwd=cwd, env=env,
+                                     capture_output=True, text=True)
+                if res.returncode:
+                    raise SystemExit(f"error: forward timing of {side} failed: "
+                                     f"{res.stderr.strip().splitlines()[-1:]}")
+                ms[side].append(json.loads(res.stdout.strip().splitlines()[-1])["ms_per_image"])
         rows.append((batch, ms["normyolo"], ms["yolov5"]))
     return rows
+
+
+def print_forward(rows: list[tuple[int, list[float], list[float]]]) -> None:
+    print("\n| forward, fused, 320 px | NormYOLO ms/img per round | YOLOv5n ms/img per round | ratio per round "
+          "| median ratio |\n|---|---|---|---|---:|")
+    for batch, a, b in rows:
+        ratios = [x / y for x, y in zip(a, b)]
+        print(f"| batch {batch} | {' / '.join(f'{x:.2f}' for x in a)} | {' / '.join(f'{y:.2f}' for y in b)} | "
+              f"{' / '.join(f'{q:.2f}x' for q in ratios)} | {statistics.median(ratios):.2f}x |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     names = yaml.safe_load((ROOT / "cfg" / "data" / "coco128.yaml").read_text())["names"]
     yaml.safe_dump({"path": str(copy / "coco128"), "train": "images/train2017", "val": "images/train2017",
                     "nc": len(names), "names": dict(enumerate(names))}, data_v5.open("w"), sort_keys=False)
+    if opt.skip_train:
+        print_forward(forward_rows(opt, out))
+        shutil.rmtree(copy, ignore_errors=True)
+        return 0
     per_epoch = train_rounds(opt, out, data_v5)
     n = len(list((coco / "images" / "train2017").glob("*.jpg")))
     print(f"\npeer speed: coco128 ({n} images), {opt.img} px, batch {opt.batch_size}, epochs {opt.epochs[0]} vs "
@@ -158,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r} | {a:.2f} | {n / a:.1f} | {b:.2f} | {n / b:.1f} | {b / a:.2f}x |")
     print(f"training images/s ratio NormYOLO/YOLOv5, median of {len(ratios)}: {statistics.median(ratios):.2f}x")
     if not opt.skip_forward:
-        print("\n| forward, fused, 320 px | NormYOLO ms/img | YOLOv5n ms/img | ratio |\n|---|---:|---:|---:|")
-        for batch, a, b in forward_rows(opt, out):
-            print(f"| batch {batch} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+        print_forward(forward_rows(opt, out))
     shutil.rmtree(copy, ignore_errors=True)
     return 0
 

@@ -108,6 +108,10 @@ def test_eval_decoding_with_autograd_equals_inference_path():
     with torch.inference_mode():
         y_fast = model(x)  # in-place decode into one buffer
     torch.testing.assert_close(y_fast, y_grad.detach(), atol=1e-4, rtol=1e-6)
+    model_cl = model.to(memory_format=torch.channels_last)  # as val.py / detect.py run on CPU: channels-last maps
+    with torch.inference_mode():
+        y_cl = model_cl(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y_cl, y_grad.detach(), atol=1e-4, rtol=1e-5)
 
 
 def test_objectness_and_class_prior_biases():

@@ -82,13 +82,19 @@ class Detect(nn.Module):
         # anchors can change (AutoAnchor, checkpoint load), so the anchor values are part of the cache key
         key = (i, ny, nx, device, dtype, self.anchors._version, self.anchors.data_ptr())
         if key not in self._grids:
-            yv, xv = torch.meshgrid(torch.arange(ny, device=device, dtype=dtype),
-                                    torch.arange(nx, device=device, dtype=dtype), indexing="ij")
-            grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2)
-            anchor_px = (self.anchors[i] * self.stride[i]).to(dtype).view(1, self.na, 1, 1, 2)
-            self._grids = {k: v for k, v in self._grids.items() if k[0] != i}
-            self._grids[key] = (grid, anchor_px)
+            with torch.inference_mode(False):  # a grid first built under inference_mode must serve autograd later
+                self._grids = {k: v for k, v in self._grids.items() if k[0] != i}
+                self._grids[key] = self._make_grid(i, ny, nx, device, dtype)
         return self._grids[key]
+
+    def _make_grid(self, i: int, ny: int, nx: int, device: torch.device, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 1, ny, nx, 2) cell offsets and (1, na, 1, 1, 2) anchor sizes in pixels of level i."""
+        yv, xv = torch.meshgrid(torch.arange(ny, device=device, dtype=dtype),
+                                torch.arange(nx, device=device, dtype=dtype), indexing="ij")
+        grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2)
+        anchor_px = (self.anchors[i] * self.stride[i]).to(dtype).view(1, self.na, 1, 1, 2)
+        return grid, anchor_px
 
 
 # The explicit table of modules a model YAML may name (no eval of config text).

@@ -114,6 +114,19 @@ def test_eval_decoding_with_autograd_equals_inference_path():
     torch.testing.assert_close(y_cl, y_grad.detach(), atol=1e-4, rtol=1e-5)
 
 
+def test_grids_built_under_inference_mode_serve_autograd_later():
+    """val.py-style inference first, then a differentiable eval forward (e.g. a gradient check on a trained
+    model): the cached grids must not be inference tensors, which autograd refuses to save."""
+    torch.manual_seed(0)
+    model = Model(ROOT / "cfg/models/yolo-n-bn.yaml", nc=3).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        y_fast = model(x)
+    y_grad = model(x)
+    y_grad[..., 4].sum().backward()  # raised "Inference tensors cannot be saved for backward" before
+    torch.testing.assert_close(y_fast, y_grad.detach(), atol=1e-4, rtol=1e-6)
+
+
 def test_objectness_and_class_prior_biases():
     model = Model(ROOT / "cfg/models/yolo-n-bn.yaml", nc=80)
     det = model.model[-1]

@@ -169,6 +169,9 @@ def run_study(config: StudyConfig, save_dir: Path, runner: CellRunner | None = N
     runner = runner or run_cell  # looked up at call time, so tests can replace the module's run_cell
     save_dir = Path(save_dir)
     config.validate()
+    if config.jobs > 1 and dist_env().world_size > 1:  # every rank would start its own copies of the cells
+        raise ConfigError("--jobs: cells side by side and compare.py under torchrun do not mix; use one of them "
+                          "(--nproc N makes each cell a torchrun job)")
     main = _is_main_rank()
     csv_path, cfg_path = save_dir / "study.csv", save_dir / "study.yaml"
     if main:

@@ -389,6 +389,15 @@ def test_jobs_split_the_cores_and_may_change_on_resume(tmp_path: Path, monkeypat
     assert cfg.jobs == 3
 
 
+def test_jobs_are_refused_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from utils.dist import DistEnv
+
+    monkeypatch.setattr(runner, "dist_env", lambda: DistEnv(rank=0, local_rank=0, world_size=2))
+    with pytest.raises(ConfigError, match="--jobs: cells side by side and compare.py under torchrun do not mix"):
+        runner.run_study(_config(jobs=2), tmp_path, runner=lambda c, cell, r: _fake_row(cell, r), progress=False)
+    assert not (tmp_path / "study.csv").exists()
+
+
 def test_nproc_must_divide_the_nominal_batch() -> None:
     with pytest.raises(ConfigError, match=r"--batch-sizes: 4 x 2 processes does not divide the nominal batch 4"):
         _config(batch_sizes=[4], nbs=4, nproc=2).validate()

@@ -144,10 +144,11 @@ def render_image(seed: int, split: str, index: int, variant: str = "default"
     _clutter(rng, img, int(rng.integers(*v["clutter"])))
     boxes: list[np.ndarray] = []
     objs = []
+    bins = _cum_bins(v["bins"])
     for _ in range(int(rng.integers(*v["objects"]))):
         c = int(rng.integers(len(classes)))
         p = rng.random()
-        lo, hi = next((lo, hi) for q, lo, hi in _cum_bins(v["bins"]) if p < q)
+        lo, hi = next((lo, hi) for q, lo, hi in bins if p < q)
         side = float(np.exp(rng.uniform(np.log(lo), np.log(min(hi, 0.7 * min(h, w))))))
         asp = float(np.exp(rng.uniform(np.log(0.75), np.log(1.33))))
         rot = rng.uniform(0, 2 * np.pi)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from study.config import StudyConfig
-from study.stats import Interval, mean_interval, paired_differences, verdict
+from study.stats import Interval, mean_interval, paired_differences, row_key, verdict
 from utils.general import ROOT, ConfigError, write_text_atomic
 
 
@@ -149,7 +149,7 @@ def render_markdown(config: StudyConfig, rows: Sequence[dict[str, Any]]) -> str:
 
 def _per_seed_table(config: StudyConfig, rows: Sequence[dict[str, Any]]) -> str:
     """Every run's mAP50-95 (×100): a row per norm and batch size, a column per seed ('div.' = diverged)."""
-    found = {(str(r["norm"]).lower(), int(r["batch_size"]), int(r["seed"])): r for r in rows}
+    found = {row_key(r): r for r in rows}
 
     def value(n: str, b: int, seed: int) -> str:
         r = found.get((n.lower(), b, seed))
@@ -168,7 +168,7 @@ def _time_line(config: StudyConfig, rows: Sequence[dict[str, Any]]) -> str:
     first cell's start to the last cell's end (less than the sum when --jobs ran cells side by side)."""
     total = sum(float(r.get("wall_time_s") or 0) for r in rows)
     text = f"Time of the {len(rows)} finished run(s) (training, validation and timing), summed: {total / 60:.1f} min"
-    ends = [(float(r["finished_at"]), float(r.get("wall_time_s") or 0)) for r in rows
+    ends = [(r["finished_at"], float(r.get("wall_time_s") or 0)) for r in rows
             if isinstance(r.get("finished_at"), float) and not math.isnan(r["finished_at"])]
     if ends and len(ends) == len(rows):
         elapsed = max(e for e, _ in ends) - min(e - w for e, w in ends)

@@ -19,13 +19,13 @@ from tqdm import tqdm
 
 from engine.checkpoint import load_model
 from engine.config import TrainConfig, config_to_argv
-from engine.fit import best_row, fit
+from engine.fit import fit
 from engine.loop import TrainingDiverged
 from engine.tensorboard import tensorboard_available
 from study.config import Cell, StudyConfig, cell_config
 from study.report import append_row, read_rows, write_reports
+from study.stats import row_key
 from utils.dist import dist_env
-from engine.results import read_results
 from utils.general import LOGGER, ROOT, ConfigError, select_device
 from utils.timing import repeat_times
 
@@ -102,8 +102,7 @@ def cell_threads(config: StudyConfig) -> int:
 def fit_subprocess(cfg: TrainConfig, nproc: int = 1, threads: int = 1) -> dict[str, Any]:
     """Train one cell as a ``train.py`` process (``nproc`` > 1: a torchrun job, gloo on CPU) with ``threads``
     intra-op threads each. Under torchrun ``cfg.batch_size`` is per process, so BN normalises over that many images
-    and SyncBN over nproc times as many. Returns fit()'s keys, read from the run's results.csv and summary.json
-    (training images/s over all processes, parameter count)."""
+    and SyncBN over nproc times as many. Returns fit()'s result, read from the run's summary.json."""
     save_dir = Path(cfg.project) / cfg.name
     total = replace(cfg, batch_size=cfg.batch_size * nproc)  # train.py's --batch-size is over all processes
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -117,12 +116,10 @@ def fit_subprocess(cfg: TrainConfig, nproc: int = 1, threads: int = 1) -> dict[s
         raise TrainingDiverged(f"the run diverged (see {log})")
     if code:
         raise ConfigError(f"study: the training job of {cfg.name} failed with exit code {code}; its log: {log}")
-    rows = read_results(save_dir / "results.csv")
-    summary = {}  # written by rank 0's fit() at the end of the run
-    if (save_dir / "summary.json").is_file():
-        summary = json.loads((save_dir / "summary.json").read_text())
-    return {"save_dir": str(save_dir), "epochs": len(rows), "params": int(summary.get("params", 0)),
-            "train_images_per_s": float(summary.get("train_images_per_s", math.nan)), **best_row(rows)}
+    summary = save_dir / "summary.json"  # fit()'s result dict, written by rank 0 at the end of the run
+    if not summary.is_file():
+        raise ConfigError(f"study: the training job of {cfg.name} ended without writing {summary}; its log: {log}")
+    return json.loads(summary.read_text())
 
 
 def _run_side_by_side(config: StudyConfig, todo: list[Cell], runs_dir: Path, runner: CellRunner,
@@ -178,7 +175,7 @@ def run_study(config: StudyConfig, save_dir: Path, runner: CellRunner | None = N
         save_dir.mkdir(parents=True, exist_ok=True)
         config.save(cfg_path)
     rows = read_rows(csv_path)
-    done = {(str(r["norm"]).lower(), int(r["batch_size"]), int(r["seed"])) for r in rows}
+    done = {row_key(r) for r in rows}
     cells = config.cells()
     todo = [c for c in cells if c.key not in done]
     skipped = [c for c in cells if c.key in done]

@@ -54,12 +54,17 @@ def mean_interval(values: Iterable[float]) -> Interval:
     return Interval(statistics.fmean(v), t975(len(v) - 1) * statistics.stdev(v) / math.sqrt(len(v)), len(v))
 
 
+def row_key(row: dict[str, Any]) -> tuple[str, int, int]:
+    """(norm in lower case, batch size, seed) of a study.csv row: the same key as ``Cell.key``."""
+    return str(row["norm"]).lower(), int(row["batch_size"]), int(row["seed"])
+
+
 def paired_differences(rows: Iterable[dict[str, Any]], a: tuple[str, int], b: tuple[str, int],
                        metric: str = "mAP50-95") -> dict[int, float]:
     """{seed: metric(a) - metric(b)} over the seeds where both (norm, batch) cells finished with a value."""
     by: dict[tuple[str, int, int], float] = {}
     for r in rows:
-        by[(str(r["norm"]).lower(), int(r["batch_size"]), int(r["seed"]))] = float(r[metric])
+        by[row_key(r)] = float(r[metric])
     seeds = sorted({s for (_, _, s) in by})
     out = {}
     for s in seeds:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -115,6 +116,20 @@ def _log_table(m: CocoMetrics, metrics: dict[str, Any], *, verbose: bool, log_su
                     f"{speed['nms']:.1f}ms NMS per image at shape {shape}")
 
 
+@contextmanager
+def _eval_mode(model: nn.Module | Backend) -> Iterator[None]:
+    """An nn.Module in eval mode for the block, then back in the mode it was given in (a Backend is left alone)."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def evaluate(
     model: nn.Module | Backend,
     dataloader: Any,
@@ -155,18 +170,11 @@ def evaluate(
     coco_gt = load_coco_gt(gt_src)  # a private copy: COCOeval adds keys to the annotations it reads
     save_dir = Path(save_dir) if save_dir is not None else None
     labels_dir = save_dir / "labels" if save_dir is not None and save_txt else None
-    module = model if isinstance(model, nn.Module) else None
-    was_training = module is not None and module.training
-    if module is not None:
-        module.eval()
-    try:
+    with _eval_mode(model):
         results, seen, dt, shape = _predict(
             backend, dataloader, cat_ids, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det,
             use_half=half and backend.device.type == "cuda", progress=log_summary, labels_dir=labels_dir,
             plot=(names, save_dir) if plots and save_dir is not None else None, on_batch0=on_batch0)
-    finally:
-        if module is not None:
-            module.train(was_training)
     if seen == 0:
         raise ConfigError("validation: the dataloader yielded no images")
 

@@ -2,6 +2,7 @@
 writers), then a flat loop of ``train_one_epoch`` and ``end_of_epoch`` (validate, record, checkpoint, stop early)."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import yaml
 from data.loader import build_loader, create_dataloader, load_data_config
 from engine.amp import autocast_dtype
 from engine.autoanchor import check_anchors
+from engine.backends import feeds_channels_last
 from engine.checkpoint import all_finite, load_checkpoint, model_state, save_checkpoint
 from engine.config import TrainConfig, check_config, default_workers, resolve_cache, resolve_resume
 from engine.ema import ModelEMA
@@ -270,6 +272,17 @@ def checkpoint_dict(run: Run, epoch: int) -> dict[str, Any]:
             "opt": run.cfg.plain()}
 
 
+def validation_model(model: nn.Module) -> nn.Module:
+    """A copy of the (EMA) model for validation with BN folded into the convs (GN / LN / IN stay) and the conv weights
+    in the model's memory format. Outputs change by float rounding only; the validation forward takes ~20 % less time
+    on CPU. The model being trained is not touched."""
+    channels_last = feeds_channels_last(model)
+    m = copy.deepcopy(model).eval().fuse()
+    if channels_last:
+        m.to(memory_format=torch.channels_last)  # folding builds new, contiguous weights
+    return m
+
+
 def end_of_epoch(run: Run, epoch: int, res: dict[str, Any], metrics: dict[str, float]) -> tuple[dict, bool]:
     """Rank 0: validate (every epoch, or the final one with --noval), write the results row and results.png,
     save last.pt / best.pt / epochN.pt. Returns the latest metrics and whether to stop early."""
@@ -279,9 +292,9 @@ def end_of_epoch(run: Run, epoch: int, res: dict[str, Any], metrics: dict[str, f
         raise TrainingDiverged(f"weights became non-finite in epoch {epoch}; not saving them "
                                f"(last.pt keeps epoch {epoch - 1})")
     if not cfg.noval or final:
-        metrics = evaluate(run.ema.ema, run.val_loader, run.val_set, half=run.amp, log_summary=final,
-                           save_dir=save_dir if final else None, plots=final,
-                           on_batch0=run.tb.batch0_hook(epoch) if run.tb else None)
+        metrics = evaluate(validation_model(run.ema.ema), run.val_loader, run.val_set, half=run.amp,
+                           log_summary=final, save_dir=save_dir if final else None, plots=final,
+                           area_breakdown=final, on_batch0=run.tb.batch0_hook(epoch) if run.tb else None)
         LOGGER.info(f"{'val':>22}: P {metrics['precision']:.3f}  R {metrics['recall']:.3f}  "
                     f"mAP50 {metrics['mAP50']:.4f}  mAP50-95 {metrics['mAP50_95']:.4f}")
     fi = fitness(metrics) if metrics else 0.0

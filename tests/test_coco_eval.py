@@ -82,6 +82,20 @@ def test_per_class_ap_from_precision_array():
     np.testing.assert_allclose(m.class_r, [1.0, 0.0])
 
 
+def test_inputs_are_left_untouched_and_a_second_evaluation_agrees():
+    # pycocotools adds keys to the result dicts (loadRes) and ground-truth annotations (COCOeval's 'ignore'); the
+    # evaluation works on copies, so the caller's objects are unchanged and can be scored again (as training does)
+    gt = make_gt([(1, 1, [10, 10, 40, 30]), (1, 1, [100, 50, 50, 40]), (2, 1, [0, 0, 150, 90])], crowd=(2,))
+    results = [res(1, 1, [10, 10, 40, 30], 0.9), res(1, 1, [60, 0, 20, 20], 0.8), res(2, 1, [20, 20, 30, 30], 0.7)]
+    gt_before, results_before = json.dumps(gt, sort_keys=True), json.dumps(results, sort_keys=True)
+    first = evaluate(gt, results, CAT_IDS)
+    assert json.dumps(gt, sort_keys=True) == gt_before
+    assert json.dumps(results, sort_keys=True) == results_before
+    second = evaluate(gt, results, CAT_IDS)
+    np.testing.assert_array_equal(first.stats, second.stats)
+    assert first.map50 == pytest.approx(51 / 101)  # TP, FP; the third lies in the crowd box: recall stops at 1/2
+
+
 def test_agrees_with_pycocotools_on_files(tmp_path):
     rng = np.random.default_rng(0)
     anns = [(int(rng.integers(1, 4)), int(rng.choice(CAT_IDS)), [float(v) for v in rng.uniform(0, 60, 2)]
@@ -99,6 +113,26 @@ def test_agrees_with_pycocotools_on_files(tmp_path):
     ev.summarize()
     np.testing.assert_allclose(m.stats, ev.stats, atol=1e-12)
     assert 0.1 < m.map50_95 < 0.95
+
+
+def test_without_area_breakdown_the_area_all_numbers_are_identical():
+    rng = np.random.default_rng(1)
+    anns = [(int(rng.integers(1, 4)), int(rng.choice(CAT_IDS)), [float(v) for v in rng.uniform(0, 60, 2)]
+             + [float(v) for v in rng.uniform(4, 140, 2)]) for _ in range(40)]  # small, medium and large boxes
+    gt = make_gt(anns)
+    results = [res(im, c, [b[0] + rng.normal(0, 4), b[1] + rng.normal(0, 4), b[2], b[3]], float(rng.uniform()))
+               for im, c, b in anns]
+    full = evaluate(gt, results, CAT_IDS)
+    fast = evaluate(gt, results, CAT_IDS, area_breakdown=False)
+    all_area = [0, 1, 2, 6, 7, 8]  # AP, AP50, AP75, AR@1, AR@10, AR@100 over area 'all'
+    np.testing.assert_array_equal(np.asarray(fast.stats)[all_area], np.asarray(full.stats)[all_area])
+    assert [fast.stats[i] for i in (3, 4, 5, 9, 10, 11)] == [-1.0] * 6
+    assert min(full.stats[i] for i in (3, 4, 5)) > -1  # the data has boxes of every area range
+    assert (fast.map50, fast.map50_95, fast.precision, fast.recall, fast.best_conf) == \
+        (full.map50, full.map50_95, full.precision, full.recall, full.best_conf)
+    np.testing.assert_array_equal(fast.f1_curve, full.f1_curve)
+    np.testing.assert_array_equal(fast.pr_curve, full.pr_curve)
+    assert 0.05 < full.map50_95 < 0.95
 
 
 def test_empty_results_score_zero_and_bad_ids_are_errors():

@@ -257,3 +257,31 @@ def test_hyp_file_close_mosaic_is_optional_and_checked(tmp_path: Path) -> None:
         f.write_text(yaml.safe_dump({**base, "close_mosaic": bad}))
         with pytest.raises(ConfigError, match="close_mosaic"):
             load_hyp(f)
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn:C/16"])
+def test_validation_model_is_a_fused_copy_in_the_same_memory_format(norm: str) -> None:
+    from engine.fit import validation_model
+    from models.yolo import Model
+
+    torch.manual_seed(0)
+    model = Model(ROOT / "cfg/models/yolo-n-bn.yaml", nc=3, norm=norm)
+    for m in model.modules():  # trained-looking running statistics, so that folding has something to fold
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    model.to(memory_format=torch.channels_last).train()
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    v = validation_model(model)
+    assert model.training and sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == n_bn
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in v.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in v.modules()) == \
+        sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert v.model[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    model.eval()
+    with torch.no_grad():
+        ref, out = model(x), v(x)
+    assert (n_bn > 0) == (norm == "bn")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)  # boxes in pixels, scores 0..1

@@ -11,7 +11,7 @@ from utils.general import atomic_write
 LOSS_KEYS = ("train/box_loss", "train/obj_loss", "train/cls_loss")
 METRIC_KEYS = ("metrics/precision", "metrics/recall", "metrics/mAP50", "metrics/mAP50-95")
 LR_KEYS = ("x/lr0", "x/lr1", "x/lr2")  # param groups: bias, decay (conv weights), norm
-COLUMNS = ("epoch",) + LOSS_KEYS + METRIC_KEYS + LR_KEYS + ("nonfinite_steps", "epoch_time_s")
+COLUMNS = ("epoch",) + LOSS_KEYS + METRIC_KEYS + LR_KEYS + ("nonfinite_steps", "epoch_time_s", "val_time_s")
 BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
 
 

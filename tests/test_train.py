@@ -92,6 +92,7 @@ def test_tiny_run_writes_everything(tmp_path: Path, capsys: pytest.CaptureFixtur
     loss = [sum(float(r[k]) for k in ("train/box_loss", "train/obj_loss", "train/cls_loss")) for r in rows]
     assert loss[-1] < loss[0]  # it learns
     assert float(rows[0]["x/lr0"]) > float(rows[0]["x/lr1"])  # bias lr warms down from warmup_bias_lr
+    assert all(0 < float(r["val_time_s"]) < float(res["wall_time_s"]) for r in rows)  # validated every epoch
     check_tensorboard(run, rows)
 
     # a second run increments the folder; --norm overrides the YAML norm

@@ -160,7 +160,7 @@ def evaluate(
     ``info``: plain values merged into the result. ``gt``: a COCO JSON path (COCO data: the file is the reference)
     or dict; None = ``dataset.coco_gt()`` (built from the records, e.g. for YOLO-txt labels). ``on_batch0``: called
     with the first batch and its detections (training's TensorBoard image). ``area_breakdown=False``: COCO's area
-    range 'all' only (same mAP, its small / medium / large stats read -1; a quarter of COCOeval's time).
+    range 'all' only (same mAP, its small / medium / large stats read -1; one of COCOeval's four area passes).
 
     Returns the metrics: mAP50, mAP50_95, precision, recall, best_conf, per_class, coco_stats, speed_ms
     {preprocess, inference, nms} (ms per image), images, instances, detections and the thresholds used.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.general import LOGGER, ROOT, ConfigError, increment_path, run_cli, select_device, setup_logging
+from utils.memory import retain_freed_memory
 
 # detect.py flags that go to engine.predict.FrameSaver as they are
 SAVER_FLAGS = ("save_txt", "save_conf", "save_json", "save_crop", "nosave", "line_thickness", "hide_labels",
@@ -56,6 +57,8 @@ def main(opt: argparse.Namespace) -> dict[str, Any]:
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"{flag} {v}: expected a value in [0, 1]")
     device = select_device(opt.device)
+    if device.type == "cpu":
+        retain_freed_memory()  # utils/memory.py: large activations are reused, not page-faulted in again
     source = MediaSource(opt.source, vid_stride=opt.vid_stride)  # an empty / missing source fails here
     model = load_backend(opt.weights, device)  # .pt, .onnx or .torchscript: the same pre- / post-processing
     names = [str(n) for n in model.names]

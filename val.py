@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.general import LOGGER, ROOT, ConfigError, increment_path, run_cli, select_device, setup_logging
+from utils.memory import retain_freed_memory
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +47,8 @@ def main(opt: argparse.Namespace) -> dict[str, Any]:
 
     setup_logging()
     device = select_device(opt.device)
+    if device.type == "cpu":
+        retain_freed_memory()  # utils/memory.py: large activations are reused, not page-faulted in again
     if opt.half and device.type != "cuda":
         raise ConfigError("--half needs a CUDA device (FP16 convolutions are not supported on CPU)")
     if opt.batch_size < 1 or opt.img < 32:

@@ -10,7 +10,8 @@ then repeated passes until at least ``--min-images`` images went through, under 
 says which one the scripts should use (val.py / detect.py use channels_last on CPU because it wins here).
 With onnxruntime installed, each fused model is also exported to ONNX (static shape, as export.py writes it) and run
 by ONNX Runtime with the same number of threads, through the backend val.py / detect.py use: the ``ort`` column and
-its ratio to torch's best memory format.
+its ratio to torch's best memory format. On CPU the process keeps freed memory (utils/memory.py), as val.py and
+detect.py do; ``--no-retain-memory`` times glibc's default instead.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-iters", type=int, default=3, help="and at least this many passes")
     p.add_argument("--fused-only", action="store_true", help="skip the unfused models")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-retain-memory", action="store_true",
+                   help="leave glibc's malloc as it is (val.py / detect.py keep freed memory on CPU: utils/memory.py)")
     p.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime column")
     return p.parse_args(argv)
 
@@ -84,9 +87,12 @@ def max_fuse_error(model: torch.nn.Module, fused: torch.nn.Module, size: int = 3
 def main(opt: argparse.Namespace) -> list[dict]:
     from models.yolo import Model
     from utils.general import select_device
+    from utils.memory import retain_freed_memory
 
     torch.set_num_threads(opt.threads)
     device = select_device(opt.device)
+    if device.type == "cpu" and not opt.no_retain_memory:
+        retain_freed_memory()  # as val.py / detect.py do on CPU
     torch.manual_seed(0)
     rows = []
     print(f"torch {torch.__version__}, {opt.threads} threads, device {device}, cfg {Path(opt.cfg).name}")

@@ -9,6 +9,9 @@ defaults otherwise; per-epoch time = (wall of an E2-epoch run - wall of an E1-ep
 processes, so start-up, data scanning and the final validation cancel. The programs alternate, ``--rounds`` times;
 the ratio is taken per round and the median printed. Forward: the fused n model (BN folded), eval mode, random
 input at 320 px, batch 1 and 32, channels-last for both, each in its own process, alternating, median of 20 runs.
+NormYOLO's forward process keeps freed memory as its val.py / detect.py do (utils/memory.py); YOLOv5's runs with
+glibc's default malloc, as its own scripts do. ``--peer-retain-memory`` gives YOLOv5's forward process the same
+policy (through glibc's MALLOC_* environment variables), for a like-for-like view of the model code alone.
 Run it with nothing else on the machine.
 """
 from __future__ import annotations
@@ -33,6 +36,8 @@ sys.path.insert(0, ".")
 batch, img, side = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 if side == "normyolo":
     from models.yolo import Model
+    from utils.memory import retain_freed_memory
+    retain_freed_memory()  # as NormYOLO's val.py / detect.py do on CPU
     model = Model("cfg/models/yolo-n-bn.yaml", nc=80)
 else:
     from models.yolo import Model
@@ -64,6 +69,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "runs" / "peer_speed"))
     p.add_argument("--skip-train", action="store_true", help="only the forward timings (alternated --rounds times)")
     p.add_argument("--skip-forward", action="store_true")
+    p.add_argument("--peer-retain-memory", action="store_true",
+                   help="run YOLOv5's forward timing with NormYOLO's malloc policy too (utils/memory.py)")
     return p.parse_args(argv)
 
 
@@ -118,8 +125,10 @@ def train_rounds(opt: argparse.Namespace, out: Path, data_v5: Path) -> dict[str,
 def forward_rows(opt: argparse.Namespace, out: Path) -> list[tuple[int, list[float], list[float]]]:
     """(batch, NormYOLO ms/img per round, YOLOv5n ms/img per round): each timing in its own process, the two
     programs alternating (round 0 NormYOLO first, round 1 YOLOv5 first, ...)."""
-    sides = {"normyolo": (sys.executable, ROOT, dict(os.environ)),
-             "yolov5": (opt.python, Path(opt.yolov5), yolov5_env(out))}
+    v5_env = yolov5_env(out)
+    if opt.peer_retain_memory:  # glibc reads these at start-up: the same policy as utils.memory.retain_freed_memory
+        v5_env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
+    sides = {"normyolo": (sys.executable, ROOT, dict(os.environ)), "yolov5": (opt.python, Path(opt.yolov5), v5_env)}
     rows = []
     for batch in (1, 32):
         ms: dict[str, list[float]] = {"normyolo": [], "yolov5": []}

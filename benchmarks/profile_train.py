@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import default_workers
     from engine.ema import ModelEMA
     from engine.fit import set_cpu_threads
+    from utils.memory import retain_freed_memory
     from engine.throughput import default_data
     from engine.optim import build_optimizer
     from models.loss import ComputeLoss
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(verbose=False)
     set_cpu_threads()
+    retain_freed_memory()  # as train.py does on CPU (utils/memory.py)
     data_cfg, hyp = load_data_config(opt.data or default_data()), load_hyp(opt.hyp)
     workers = default_workers() if opt.workers < 0 else opt.workers
     loader, _ = create_dataloader(data_cfg, "train", opt.img, opt.batch_size, augment=True, hyp=hyp,

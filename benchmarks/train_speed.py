@@ -48,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from engine.config import default_workers  # the same thread / worker layout as training
     from engine.fit import set_cpu_threads
+    from utils.memory import retain_freed_memory
 
     if opt.workers < 0:
         opt.workers = default_workers()
     if device.type == "cpu":
         set_cpu_threads()
+        retain_freed_memory()  # as train.py does on CPU (utils/memory.py)
     rows = [train_throughput(n, opt.cfg, data_cfg, hyp, device, img=opt.img, batch_size=opt.batch_size,
                              epochs=opt.epochs, workers=opt.workers, max_batches=opt.max_batches,
                              amp=opt.amp) for n in opt.norms]

@@ -35,6 +35,7 @@ from utils.dist import DistEnv, de_parallel
 from utils.general import (LOGGER, ConfigError, increment_path, init_seeds, select_device, setup_logging,
                            write_text_atomic)
 from utils.hyp import load_hyp
+from utils.memory import retain_freed_memory
 
 
 def fitness(metrics: dict[str, float]) -> float:
@@ -127,6 +128,7 @@ def setup(cfg: TrainConfig) -> tuple[TrainConfig, DistEnv, torch.device]:
     device = select_device(cfg.device)
     if device.type == "cpu":
         set_cpu_threads()
+        retain_freed_memory()  # large activations are reused instead of page-faulted in again every step
     if cfg.workers < 0:
         cfg = replace(cfg, workers=default_workers())
     if env.world_size > 1:

@@ -11,7 +11,6 @@ The effect is measured by benchmarks/inference.py and benchmarks/train_speed.py 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
@@ -32,12 +31,12 @@ def retain_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only: musl has a mallopt that does nothing
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")  # glibc's soname; musl and others fail here and are left alone
+    except OSError:
         return False
-    del gnu_get_libc_version
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):  # the latter: glibc only
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success; trimming only starts once 2 GB at the heap top are free
     _applied = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1

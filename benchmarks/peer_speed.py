@@ -30,6 +30,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 FORWARD = r"""
 import json, sys, time, torch
 sys.path.insert(0, ".")
@@ -125,9 +127,11 @@ def train_rounds(opt: argparse.Namespace, out: Path, data_v5: Path) -> dict[str,
 def forward_rows(opt: argparse.Namespace, out: Path) -> list[tuple[int, list[float], list[float]]]:
     """(batch, NormYOLO ms/img per round, YOLOv5n ms/img per round): each timing in its own process, the two
     programs alternating (round 0 NormYOLO first, round 1 YOLOv5 first, ...)."""
+    from utils.memory import GLIBC_ENV
+
     v5_env = yolov5_env(out)
-    if opt.peer_retain_memory:  # glibc reads these at start-up: the same policy as utils.memory.retain_freed_memory
-        v5_env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
+    if opt.peer_retain_memory:  # the policy of utils.memory.retain_freed_memory, set before YOLOv5's process starts
+        v5_env.update(GLIBC_ENV)
     sides = {"normyolo": (sys.executable, ROOT, dict(os.environ)), "yolov5": (opt.python, Path(opt.yolov5), v5_env)}
     rows = []
     for batch in (1, 32):
@@ -154,27 +158,14 @@ def print_forward(rows: list[tuple[int, list[float], list[float]]]) -> None:
               f"{' / '.join(f'{q:.2f}x' for q in ratios)} | {statistics.median(ratios):.2f}x |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    opt = parse_opt(argv)
-    coco = Path(opt.coco128)
-    if not (Path(opt.yolov5) / "train.py").is_file() or not Path(opt.python).is_file():
-        print("error: --yolov5 DIR (a YOLOv5 checkout) and --python PY (its venv's python) are needed", file=sys.stderr)
-        return 2
-    if not (coco / "images" / "train2017").is_dir():
-        print(f"error: --coco128 {coco}: images/train2017 not found", file=sys.stderr)
-        return 2
-    out = Path(opt.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+def print_training(opt: argparse.Namespace, out: Path, coco: Path) -> None:
+    """Train both programs alternately on a copy of coco128 and print the per-round table and the median ratio."""
     data_v5 = out / "coco128_yolov5.yaml"  # YOLOv5 writes its label cache next to the labels: give it a copy
     copy = Path(tempfile.mkdtemp(prefix="coco128_", dir=out))
     shutil.copytree(coco, copy / "coco128")
     names = yaml.safe_load((ROOT / "cfg" / "data" / "coco128.yaml").read_text())["names"]
     yaml.safe_dump({"path": str(copy / "coco128"), "train": "images/train2017", "val": "images/train2017",
                     "nc": len(names), "names": dict(enumerate(names))}, data_v5.open("w"), sort_keys=False)
-    if opt.skip_train:
-        print_forward(forward_rows(opt, out))
-        shutil.rmtree(copy, ignore_errors=True)
-        return 0
     per_epoch = train_rounds(opt, out, data_v5)
     n = len(list((coco / "images" / "train2017").glob("*.jpg")))
     print(f"\npeer speed: coco128 ({n} images), {opt.img} px, batch {opt.batch_size}, epochs {opt.epochs[0]} vs "
@@ -186,9 +177,24 @@ def main(argv: list[str] | None = None) -> int:
         ratios.append(b / a)
         print(f"| {r} | {a:.2f} | {n / a:.1f} | {b:.2f} | {n / b:.1f} | {b / a:.2f}x |")
     print(f"training images/s ratio NormYOLO/YOLOv5, median of {len(ratios)}: {statistics.median(ratios):.2f}x")
+    shutil.rmtree(copy, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = parse_opt(argv)
+    coco = Path(opt.coco128)
+    if not (Path(opt.yolov5) / "train.py").is_file() or not Path(opt.python).is_file():
+        print("error: --yolov5 DIR (a YOLOv5 checkout) and --python PY (its venv's python) are needed", file=sys.stderr)
+        return 2
+    if not (coco / "images" / "train2017").is_dir():
+        print(f"error: --coco128 {coco}: images/train2017 not found", file=sys.stderr)
+        return 2
+    out = Path(opt.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not opt.skip_train:
+        print_training(opt, out, coco)
     if not opt.skip_forward:
         print_forward(forward_rows(opt, out))
-    shutil.rmtree(copy, ignore_errors=True)
     return 0
 
 

@@ -293,8 +293,8 @@ def end_of_epoch(run: Run, epoch: int, res: dict[str, Any], metrics: dict[str, f
     if not all_finite(run.ema.ema.state_dict()) or not all_finite(de_parallel(run.model).state_dict()):
         raise TrainingDiverged(f"weights became non-finite in epoch {epoch}; not saving them "
                                f"(last.pt keeps epoch {epoch - 1})")
-    t_val = time.perf_counter()
-    if not cfg.noval or final:
+    validate, t_val = not cfg.noval or final, time.perf_counter()
+    if validate:
         metrics = evaluate(validation_model(run.ema.ema), run.val_loader, run.val_set, half=run.amp,
                            log_summary=final, save_dir=save_dir if final else None, plots=final,
                            area_breakdown=final, on_batch0=run.tb.batch0_hook(epoch) if run.tb else None)
@@ -308,7 +308,7 @@ def end_of_epoch(run: Run, epoch: int, res: dict[str, Any], metrics: dict[str, f
                     "metrics/mAP50": metrics.get("mAP50", ""), "metrics/mAP50-95": metrics.get("mAP50_95", ""),
                     **{f"x/lr{j}": lr for j, lr in enumerate(res["lr"])},
                     "nonfinite_steps": res["nonfinite"], "epoch_time_s": res["time_s"],
-                    "val_time_s": time.perf_counter() - t_val if not cfg.noval or final else ""})
+                    "val_time_s": time.perf_counter() - t_val if validate else ""})
     if run.tb:
         run.tb.add_row(run.log.read()[-1])
     ck = checkpoint_dict(run, epoch)

@@ -15,6 +15,9 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_MAX = -4
+TRIM_THRESHOLD = 2**31 - 1  # trimming only starts once 2 GB at the heap top are free
+# the same policy for a process started with these variables (glibc reads them at start-up), e.g. a peer program
+GLIBC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 _applied = False
 
 
@@ -38,6 +41,5 @@ def retain_freed_memory() -> bool:
         return False
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # mallopt returns 1 on success; trimming only starts once 2 GB at the heap top are free
-    _applied = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    _applied = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1  # 1: success
     return _applied

@@ -286,3 +286,12 @@ def test_validation_model_is_a_fused_copy_in_the_same_memory_format(norm: str) -
         ref, out = model(x), v(x)
     assert (n_bn > 0) == (norm == "bn")
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)  # boxes in pixels, scores 0..1
+
+
+def test_validation_loads_in_process_from_a_ram_cache_on_cpu() -> None:
+    from engine.fit import val_loader_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert val_loader_workers(3, True, cpu) == 0  # cached: letterboxing only, a worker would compete with the model
+    assert val_loader_workers(3, False, cpu) == 3  # decoding from disk: the workers overlap with the model
+    assert val_loader_workers(3, True, cuda) == 3

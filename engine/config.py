@@ -125,9 +125,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
                    help="write no TensorBoard event files (written to the run folder when tensorboard is installed)")
     p.add_argument("--amp", default=d.amp, choices=AMP_MODES,
-                   help="mixed precision. auto: float16 + GradScaler on CUDA, float32 on CPU; on: also bfloat16 "
-                        "autocast on CPU (fast with AMX / AVX512-BF16, not numerically neutral for BN); "
-                        "off: float32")
+                   help="mixed precision. auto: float16 + GradScaler on CUDA, bfloat16 autocast on CPUs with "
+                        "bfloat16 hardware (AMX / AVX512-BF16), float32 on other CPUs; on: bfloat16 on any CPU; "
+                        "off: float32 (compare.py's default)")
     return p
 
 

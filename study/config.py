@@ -159,9 +159,16 @@ def cell_settings(config: StudyConfig, cell: Cell, runs_dir: Path) -> dict[str, 
     }
 
 
+# Defaults of the study that --train-args may change. float32: train.py's --amp auto picks bfloat16 on CPUs with
+# bfloat16 hardware, which perturbs BN's gradients far more than GN's at initialisation (engine/amp.py), so it
+# would not be neutral between the arms; it would also make a study's numbers depend on the CPU model.
+STUDY_DEFAULTS: dict[str, Any] = {"amp": "off"}
+
+
 def cell_config(config: StudyConfig, cell: Cell, runs_dir: Path) -> TrainConfig:
     """The TrainConfig of one cell: the study's settings, the cell's norm / batch / seed, --train-args."""
-    return TrainConfig(**{**train_overrides(config.train_args), **cell_settings(config, cell, runs_dir)})
+    return TrainConfig(**{**STUDY_DEFAULTS, **train_overrides(config.train_args),
+                          **cell_settings(config, cell, runs_dir)})
 
 
 def config_from_args(opt: Any, defaults: dict[str, Any]) -> StudyConfig:

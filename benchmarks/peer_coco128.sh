@@ -4,7 +4,7 @@
 # `python benchmarks/peer_summary.py --out DIR` prints the tables from the output folder.
 #
 #   bash benchmarks/peer_coco128.sh --yolov5 DIR --python PY [--seeds "0 1"] [--epochs 100] [--out DIR]
-#                                   [--coco128 DIR] [--only normyolo|yolov5]
+#                                   [--coco128 DIR] [--only normyolo|yolov5] [--normyolo-args "--amp off"]
 #
 # DIR is a YOLOv5 checkout (ultralytics/yolov5) and PY the interpreter of a virtual environment that has its
 # requirements: YOLOv5 is AGPL and never a dependency of this project, so this script installs nothing and contains
@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-YOLOV5="" PY="" SEEDS="0 1" EPOCHS=100 OUT="$REPO/runs/peer_coco128" COCO128="$REPO/../shared/coco128" ONLY=""
+YOLOV5="" PY="" SEEDS="0 1" EPOCHS=100 OUT="$REPO/runs/peer_coco128" COCO128="$REPO/../shared/coco128" ONLY="" NY_ARGS=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --yolov5) YOLOV5=$(realpath "$2"); shift 2 ;;
@@ -25,6 +25,7 @@ while [[ $# -gt 0 ]]; do
     --out) OUT=$(realpath -m "$2"); shift 2 ;;
     --coco128) COCO128=$(realpath "$2"); shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
+    --normyolo-args) NY_ARGS="$2"; shift 2 ;;  # extra train.py flags, e.g. "--amp off" (float32)
     *) echo "error: unknown argument '$1' (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -35,7 +36,7 @@ mkdir -p "$OUT"
 if [[ "$ONLY" != "yolov5" ]]; then
   for S in $SEEDS; do  # NormYOLO: the command from the issue, one seed at a time
     /usr/bin/time -f "normyolo seed $S: %e s wall" python train.py --data cfg/data/coco128.yaml --hyp cfg/hyp/scratch.yaml \
-      --img 320 --batch-size 16 --epochs "$EPOCHS" --seed "$S" --project "$OUT" --name "normyolo_s$S" --exist-ok \
+      --img 320 --batch-size 16 --epochs "$EPOCHS" --seed "$S" --project "$OUT" --name "normyolo_s$S" --exist-ok $NY_ARGS \
       > "$OUT/normyolo_s$S.log" 2>&1
     tail -n 1 "$OUT/normyolo_s$S.log"
     # the final weights scored against the official instances JSON (crowd regions included), as YOLOv5's below

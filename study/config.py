@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from data.loader import load_data_config
@@ -159,15 +160,18 @@ def cell_settings(config: StudyConfig, cell: Cell, runs_dir: Path) -> dict[str, 
     }
 
 
-# Defaults of the study that --train-args may change. float32: train.py's --amp auto picks bfloat16 on CPUs with
-# bfloat16 hardware, which perturbs BN's gradients far more than GN's at initialisation (engine/amp.py), so it
-# would not be neutral between the arms; it would also make a study's numbers depend on the CPU model.
-STUDY_DEFAULTS: dict[str, Any] = {"amp": "off"}
+def study_defaults(device: str) -> dict[str, Any]:
+    """TrainConfig fields a study sets unless --train-args does. On CPU float32 (``--amp off``): train.py's
+    ``--amp auto`` picks bfloat16 on CPUs with bfloat16 hardware, which perturbs BN's gradients far more than GN's at
+    initialisation (engine/amp.py), so it would not be neutral between the arms, and a study's numbers would depend
+    on the CPU model. On CUDA train.py's own ``auto`` (float16 with a GradScaler, as YOLOv5 trains)."""
+    on_cpu = str(device).strip().lower() == "cpu" or (str(device).strip() == "" and not torch.cuda.is_available())
+    return {"amp": "off"} if on_cpu else {}
 
 
 def cell_config(config: StudyConfig, cell: Cell, runs_dir: Path) -> TrainConfig:
     """The TrainConfig of one cell: the study's settings, the cell's norm / batch / seed, --train-args."""
-    return TrainConfig(**{**STUDY_DEFAULTS, **train_overrides(config.train_args),
+    return TrainConfig(**{**study_defaults(config.device), **train_overrides(config.train_args),
                           **cell_settings(config, cell, runs_dir)})
 
 

@@ -75,9 +75,9 @@ def test_bf16_training_step_runs_convs_in_bf16_and_keeps_fp32_weights() -> None:
 
 
 def test_bf16_perturbs_the_bn_gradient_far_more_than_the_gn_gradient() -> None:
-    """Why compare.py pins float32 (study.config.STUDY_DEFAULTS): at initialisation, the whole-model gradient under
-    bfloat16 autocast is far from the float64 gradient for BN (measured cosine 0.24 at 160 px) but close for GN
-    (0.93), so bfloat16 would not be neutral between the arms of a BN-vs-GN comparison."""
+    """Why compare.py pins float32 on CPU (study.config.study_defaults): at initialisation, the whole-model
+    gradient under bfloat16 autocast is far from the float64 gradient for BN (measured cosine 0.24 at 160 px) but
+    close for GN (0.93), so bfloat16 would not be neutral between the arms of a BN-vs-GN comparison."""
     from models.loss import ComputeLoss
     from models.yolo import Model
     from utils.general import load_yaml

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from data.loader import load_data_config
@@ -30,7 +29,7 @@ from engine.config import DEFAULT_HYP, TrainConfig, add_train_arguments, given_f
 from engine.optim import NOMINAL_BATCH
 from models.norm import parse_norm_spec
 from utils.dist import dist_env
-from utils.general import LOGGER, ROOT, ConfigError, increment_path, load_yaml, write_text_atomic
+from utils.general import LOGGER, ROOT, ConfigError, increment_path, load_yaml, selects_cpu, write_text_atomic
 
 # Ready-made studies. gn-paper: the Group Normalization paper's question (BN vs GN with 16 channels per group as the
 # per-step batch shrinks) on the study variant of the built-in data (cfg/data/synthetic-study.yaml: six shape
@@ -165,8 +164,7 @@ def study_defaults(device: str) -> dict[str, Any]:
     ``--amp auto`` picks bfloat16 on CPUs with bfloat16 hardware, which perturbs BN's gradients far more than GN's at
     initialisation (engine/amp.py), so it would not be neutral between the arms, and a study's numbers would depend
     on the CPU model. On CUDA train.py's own ``auto`` (float16 with a GradScaler, as YOLOv5 trains)."""
-    on_cpu = str(device).strip().lower() == "cpu" or (str(device).strip() == "" and not torch.cuda.is_available())
-    return {"amp": "off"} if on_cpu else {}
+    return {"amp": "off"} if selects_cpu(device) else {}
 
 
 def cell_config(config: StudyConfig, cell: Cell, runs_dir: Path) -> TrainConfig:

@@ -6,6 +6,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 from engine.config import TrainConfig, add_train_arguments, check_config, given_flags
@@ -66,3 +67,14 @@ def test_config_to_argv_round_trips_through_train_flags() -> None:
     assert "--no-tensorboard" in argv and "--exist-ok" in argv and "--data" not in argv  # defaults are left out
     parsed = add_train_arguments(argparse.ArgumentParser()).parse_args(argv)
     assert TrainConfig.from_namespace(parsed) == cfg
+
+
+def test_selects_cpu_agrees_with_select_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from utils.general import select_device, selects_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for spec in ("cpu", " CPU ", "", None):
+        assert selects_cpu(spec) and select_device(spec).type == "cpu", spec
+    assert not selects_cpu("0") and not selects_cpu("cuda:0")  # never raises, unlike select_device without CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not selects_cpu("") and selects_cpu("cpu")

@@ -72,10 +72,20 @@ def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = True)
     return path
 
 
+def _device_spec(device: str | int | None) -> str:
+    return str(device).strip().lower().replace("cuda:", "") if device is not None else ""
+
+
+def selects_cpu(device: str | int | None = "") -> bool:
+    """Whether ``select_device(device)`` gives the CPU ('cpu', or '' on a machine without CUDA); never raises."""
+    spec = _device_spec(device)
+    return spec == "cpu" or (spec == "" and not torch.cuda.is_available())
+
+
 def select_device(device: str | int | None = "") -> torch.device:
     """'' -> cuda:0 when available else cpu; 'cpu'; '0' or 0 -> cuda:0; '0,1' -> cuda:<LOCAL_RANK or 0>."""
-    spec = str(device).strip().lower().replace("cuda:", "") if device is not None else ""
-    if spec == "cpu" or (spec == "" and not torch.cuda.is_available()):
+    spec = _device_spec(device)
+    if selects_cpu(device):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")

@@ -9,7 +9,7 @@ Why that is an acceptable default (docs/training.md#precision-on-cpu): on the de
 by bfloat16 stays inside what float32 itself moves when only the thread count (summation order) changes, and the
 final mAP50-95 was the same (0.492 / 0.488 vs 0.489 / 0.491; mAP50 0.750 / 0.748 vs 0.771 / 0.760). It is not
 neutral between norms at initialisation (the BN model's gradient has cosine 0.24 with the float64 gradient, GN's
-0.93; on a trained BN model 0.994), so the BN-vs-GN study pins float32 on CPU (study/config.py). Weights, optimizer
+0.93: tests/test_engine_amp.py), so the BN-vs-GN study pins float32 on CPU (study/config.py). Weights, optimizer
 state, EMA, the loss and validation stay float32 either way.
 """
 from __future__ import annotations

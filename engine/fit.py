@@ -185,8 +185,8 @@ def build_model(cfg: TrainConfig, nc: int, names: list[str], ckpt: dict | None) 
 
 def val_loader_workers(workers: int, cache: bool, device: torch.device) -> int:
     """Loader processes for validation. From a RAM cache a val batch is only letterboxed, so on CPU a loader
-    process would just take cycles from the model (500 cached images at 320 px, 2 cores: 6.9 s per validation with
-    one worker, 6.4 s without); on CUDA, or when images are decoded from disk, the workers overlap with the model."""
+    process would just take cycles from the model; on CUDA, or when images are decoded from disk, the workers
+    overlap with the model."""
     return 0 if cache and device.type == "cpu" else workers
 
 

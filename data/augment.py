@@ -13,13 +13,15 @@ import random
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
 import cv2
 import numpy as np
 import torch
 
-from utils.general import ConfigError
+from utils.general import ConfigError, scoped_env
 from utils.hyp import SCRATCH, load_hyp
+
+with scoped_env(NO_ALBUMENTATIONS_UPDATE="1"):  # else its import asks pypi.org for a newer release (a network call)
+    import albumentations as A
 
 PAD_VALUE = 114  # grey used for every padded / uncovered pixel (train and val alike)
 AUG_KEYS = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "fliplr", "flipud",

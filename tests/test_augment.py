@@ -234,3 +234,44 @@ def test_perspective_keeps_boxes_inside_and_follows_pixels():
     for out, ext in _square_runs({**ZERO, "perspective": 0.0005}, 5):
         assert len(out["bboxes"]) == 1 and (out["bboxes"] >= 0).all() and (out["bboxes"] <= 256).all()
         np.testing.assert_allclose(out["bboxes"][0], ext, atol=3)
+
+
+_IMPORT_PROBE = """
+import os, sys, urllib.request
+calls = []
+def refuse(self, *args, **kwargs):
+    calls.append(args)
+    raise OSError("network refused by the test")
+urllib.request.OpenerDirector.open = refuse
+import data.augment
+print(len(calls), os.environ.get("NO_ALBUMENTATIONS_UPDATE", "unset"))
+"""
+
+
+def test_importing_the_pipeline_makes_no_network_call():
+    """albumentations asks pypi.org for its latest version on import unless NO_ALBUMENTATIONS_UPDATE is set; our
+    import must not (nothing may download at run time), and must leave the caller's environment unchanged."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert out == ["0", "unset"]
+
+
+def test_scoped_env_restores_set_and_unset_variables(monkeypatch: pytest.MonkeyPatch):
+    import os
+
+    from utils.general import scoped_env
+
+    monkeypatch.setenv("NORMYOLO_TEST_A", "before")
+    monkeypatch.delenv("NORMYOLO_TEST_B", raising=False)
+    with scoped_env(NORMYOLO_TEST_A="inside", NORMYOLO_TEST_B="inside"):
+        assert os.environ["NORMYOLO_TEST_A"] == os.environ["NORMYOLO_TEST_B"] == "inside"
+    assert os.environ["NORMYOLO_TEST_A"] == "before" and "NORMYOLO_TEST_B" not in os.environ
+    with pytest.raises(RuntimeError), scoped_env(NORMYOLO_TEST_B="inside"):
+        raise RuntimeError("the body failed")
+    assert "NORMYOLO_TEST_B" not in os.environ

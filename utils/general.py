@@ -7,8 +7,9 @@ import os
 import random
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -41,6 +42,22 @@ def import_optional(module: str, purpose: str) -> Any:
     except ImportError:
         raise ConfigError(f"{purpose} needs the '{module.split('.')[0]}' package: "
                           "pip install -r requirements-export.txt") from None
+
+
+@contextmanager
+def scoped_env(**values: str) -> Iterator[None]:
+    """Set environment variables for the body only; the caller's environment is restored afterwards, so importing
+    a module that uses this leaves os.environ as it found it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def load_yaml(path: str | Path, what: str = "YAML file") -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Where a training step's time goes: data wait, forward, loss, backward, optimizer step + EMA (ms per batch), then
-torch.profiler's top operators by self CPU time.
+torch.profiler's top operators by self CPU time (self device time on CUDA).
 
     python benchmarks/profile_train.py                     # coco128 (or the built-in data), n model, BN, 320 px, b16
     python benchmarks/profile_train.py --norm gn:C/16 --batches 24 --top 15
+    python benchmarks/profile_train.py --device 0 --img 640 --batch-size 64      # CUDA: phases timed with syncs
 
 The phases are timed with the same loader, model, loss, optimizer and EMA as training (``engine.throughput``'s
 pieces); the first ``--warmup`` batches are not counted. docs/training.md quotes its output before and after the
@@ -34,12 +35,14 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--top", type=int, default=12, help="operator rows of the profiler table (0: skip the profiler)")
     p.add_argument("--cache", action="store_true", help="decode the images into RAM first (train.py --cache)")
+    p.add_argument("--device", default="cpu", help="cpu or a CUDA index (CUDA phases are timed with syncs)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     from data.loader import create_dataloader, load_data_config
+    from engine.accel import train_channels_last
     from engine.amp import autocast_dtype
     from engine.config import default_workers
     from engine.ema import ModelEMA
@@ -49,41 +52,56 @@ def main(argv: list[str] | None = None) -> int:
     from engine.optim import build_optimizer
     from models.loss import ComputeLoss
     from models.yolo import Model
-    from utils.general import setup_logging
+    from utils.general import select_device, setup_logging
     from utils.hyp import load_hyp
+    from utils.timing import sync
 
     setup_logging(verbose=False)
-    set_cpu_threads()
-    retain_freed_memory()  # as train.py does on CPU (utils/memory.py)
+    device = select_device(opt.device)
+    if device.type == "cpu":
+        set_cpu_threads()
+        retain_freed_memory()  # as train.py does on CPU (utils/memory.py)
     data_cfg, hyp = load_data_config(opt.data or default_data()), load_hyp(opt.hyp)
     workers = default_workers() if opt.workers < 0 else opt.workers
     loader, _ = create_dataloader(data_cfg, "train", opt.img, opt.batch_size, augment=True, hyp=hyp,
                                   workers=workers, seed=0, shuffle=True, cache=opt.cache)
     torch.manual_seed(0)
-    model = Model(opt.cfg, nc=int(data_cfg["nc"]), norm=opt.norm).to(memory_format=torch.channels_last).train()
+    model = Model(opt.cfg, nc=int(data_cfg["nc"]), norm=opt.norm).to(device).train()
+    if train_channels_last(device):  # as train.py
+        model.to(memory_format=torch.channels_last)
     optim, ema = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], 5e-4), ModelEMA(model)
     compute_loss = ComputeLoss(model, hyp, opt.img)
-    total, dtype = dict.fromkeys(PHASES, 0.0), autocast_dtype(opt.amp, torch.device("cpu"))
+    total, dtype = dict.fromkeys(PHASES, 0.0), autocast_dtype(opt.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     n, it = 0, iter(_forever(loader))
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if opt.top else None
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda"
+                                                     else [])
+    prof = torch.profiler.profile(activities=acts) if opt.top else None
+
+    def stamp() -> float:
+        sync(device)  # CUDA runs asynchronously: a phase ends when its kernels have finished
+        return time.perf_counter()
+
     for i in range(opt.warmup + opt.batches):
         if i == opt.warmup and prof is not None:
             prof.__enter__()
-        t = [time.perf_counter()]
+        t = [stamp()]
         imgs, targets = next(it)[:2]
+        imgs, targets = imgs.to(device, non_blocking=True), targets.to(device)
         imgs = imgs.float().div_(255) if imgs.dtype == torch.uint8 else imgs
-        t.append(time.perf_counter())
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        t.append(stamp())
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             preds = model(imgs)
-            t.append(time.perf_counter())
+            t.append(stamp())
             loss, _ = compute_loss(preds, targets)
-        t.append(time.perf_counter())
-        loss.backward()
-        t.append(time.perf_counter())
-        optim.step()
+        t.append(stamp())
+        scaler.scale(loss).backward()
+        t.append(stamp())
+        scaler.step(optim)
+        scaler.update()
         optim.zero_grad(set_to_none=True)
         ema.update(model)
-        t.append(time.perf_counter())
+        t.append(stamp())
         if i >= opt.warmup:
             n += 1
             for k, a, b in zip(PHASES, t, t[1:]):
@@ -91,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     if prof is not None:
         prof.__exit__(None, None, None)
     setting = (f"{Path(data_cfg['yaml_file']).name}, {opt.img} px, batch {opt.batch_size}, norm {opt.norm}, "
-               f"{workers} workers, cache {opt.cache}, {torch.get_num_threads()} threads, amp {dtype}")
-    _report(setting, total, n, opt.batch_size, prof, opt.top)
+               f"{workers} workers, cache {opt.cache}, {device}, {torch.get_num_threads()} threads, amp {dtype}")
+    _report(setting, total, n, opt.batch_size, prof, opt.top, device.type == "cuda")
     return 0
 
 
-def _report(setting: str, total: dict[str, float], n: int, batch: int, prof: Any, top: int) -> None:
+def _report(setting: str, total: dict[str, float], n: int, batch: int, prof: Any, top: int, cuda: bool) -> None:
     """Print the per-phase table (ms per batch, share) and the profiler's top operators."""
     step = sum(total.values())
     print(f"\nprofile: {setting}, {n} batches: {1000 * step / n:.0f} ms/batch, {n * batch / step:.1f} images/s")
@@ -104,7 +122,8 @@ def _report(setting: str, total: dict[str, float], n: int, batch: int, prof: Any
     for k in PHASES:
         print(f"| {k} | {1000 * total[k] / n:.1f} | {100 * total[k] / step:.1f} % |")
     if prof is not None:
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40))
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=40))
 
 
 def _forever(loader):

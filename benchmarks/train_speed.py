@@ -10,6 +10,7 @@ warm-up pass, and prints a table plus the GN/BN time ratio. coco128 is used when
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -27,7 +28,12 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--norms", nargs="+", default=["bn", "gn:C/16"])
     p.add_argument("--epochs", type=int, default=2, help="timed passes over the data (after one warm-up pass)")
     p.add_argument("--max-batches", type=int, default=0, help="cap batches per pass (0: whole split)")
+    p.add_argument("--fixed-batch", action="store_true",
+                   help="time the step alone: each pass repeats the first loaded batch --max-batches times (20)")
     p.add_argument("--device", default="")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="CUDA: let cuDNN time its algorithms per shape (torch.backends.cudnn.benchmark; off in train.py)")
+    p.add_argument("--json", default="", help="also append the rows (with the settings) to this JSON-lines file")
     return p.parse_args(argv)
 
 
@@ -52,20 +58,31 @@ def main(argv: list[str] | None = None) -> int:
 
     if opt.workers < 0:
         opt.workers = default_workers()
+    torch.backends.cudnn.benchmark = opt.cudnn_benchmark
     if device.type == "cpu":
         set_cpu_threads()
         retain_freed_memory()  # as train.py does on CPU (utils/memory.py)
     rows = [train_throughput(n, opt.cfg, data_cfg, hyp, device, img=opt.img, batch_size=opt.batch_size,
                              epochs=opt.epochs, workers=opt.workers, max_batches=opt.max_batches,
-                             amp=opt.amp) for n in opt.norms]
+                             amp=opt.amp, channels_last={"auto": None, "on": True, "off": False}[opt.channels_last],
+                             compile=opt.compile, fixed_batch=opt.fixed_batch) for n in opt.norms]
     print(f"\ntrain speed: {Path(data_cfg['yaml_file']).name}, {opt.img} px, batch {opt.batch_size}, mosaic "
           f"{hyp.get('mosaic', 0)}, {opt.workers} workers, {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, amp {rows[0]['amp']}")
-    print(f"| {'norm':<10} | {'images/s':>9} | {'ms/image':>9} | {'time vs ' + rows[0]['norm']:>12} |")
-    print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 14}|")
+          f"{torch.get_num_threads()} threads, amp {rows[0]['amp']}, channels_last {opt.channels_last}, "
+          f"compile {'on' if opt.compile else 'off'}{', fixed batch (step only)' if opt.fixed_batch else ''}"
+          f"{', cudnn.benchmark' if opt.cudnn_benchmark else ''}")
+    print(f"| {'norm':<10} | {'images/s':>9} | {'ms/image':>9} | {'time vs ' + rows[0]['norm']:>12} | {'warm-up s':>9} |")
+    print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 14}|{'-' * 11}|")
     for r in rows:
         ratio = rows[0]["images_per_s"] / r["images_per_s"]
-        print(f"| {r['norm']:<10} | {r['images_per_s']:9.1f} | {1000 / r['images_per_s']:9.1f} | {ratio:12.3f} |")
+        print(f"| {r['norm']:<10} | {r['images_per_s']:9.1f} | {1000 / r['images_per_s']:9.1f} | {ratio:12.3f} "
+              f"| {r['warmup_s']:9.1f} |")
+    if opt.json:
+        with open(opt.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "device": str(device), "img": opt.img, "batch": opt.batch_size,
+                                    "channels_last": opt.channels_last, "compile": opt.compile,
+                                    "fixed_batch": opt.fixed_batch, "cudnn_benchmark": opt.cudnn_benchmark}) + "\n")
     by = {r["norm"].split(":")[0]: r for r in rows}
     if "bn" in by and "gn" in by:
         print(f"GN/BN time ratio: {by['bn']['images_per_s'] / by['gn']['images_per_s']:.3f}")

@@ -69,6 +69,7 @@ class TrainConfig:
     nonfinite_limit: int = 10
     tensorboard: bool = True
     amp: str = "auto"
+    compile: bool = False
     save_dir: str = ""
 
     @classmethod
@@ -128,6 +129,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="mixed precision. auto: float16 + GradScaler on CUDA, bfloat16 autocast on CPUs with "
                         "bfloat16 hardware (AMX / AVX512-BF16), float32 on other CPUs; on: bfloat16 on any CPU; "
                         "off: float32 (compare.py's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model being trained (first steps take a while to compile; "
+                        "see docs/training.md for where it is faster)")
     return p
 
 

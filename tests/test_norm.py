@@ -151,12 +151,12 @@ def test_convert_sync_batchnorm_keeps_state():
     torch.testing.assert_close(sbn.running_var, bn.running_var)
 
 
-def _syncbn_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _syncbn_worker(rank: int, world: int, init_file: str, out_dir: str, device: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    x_all = torch.randn(4, 3, 5, 5) * 2 + 0.5
-    w_out = torch.randn(4, 3, 5, 5)
-    layer = make_norm_builder({"type": "syncbn", "momentum": 0.1, "eps": 1e-5})(3)
+    x_all = (torch.randn(4, 3, 5, 5) * 2 + 0.5).to(device)
+    w_out = torch.randn(4, 3, 5, 5).to(device)
+    layer = make_norm_builder({"type": "syncbn", "momentum": 0.1, "eps": 1e-5})(3).to(device)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([1.5, 0.5, -1.0]))
         layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
@@ -172,10 +172,15 @@ def _syncbn_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_syncbn_two_gloo_processes_equal_bn_on_whole_batch():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: torch's CUDA SyncBatchNorm path is not run"))])
+def test_syncbn_two_gloo_processes_equal_bn_on_whole_batch(device: str):
+    """CPU: the project's all-reduce SyncBN. CUDA: torch's SyncBatchNorm kernels (nn.SyncBatchNorm.forward), with
+    both processes on GPU 0 (NCCL refuses two ranks on one GPU; gloo takes CUDA tensors), which is how a one-GPU
+    machine can check them."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_syncbn_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        res = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+        mp.spawn(_syncbn_worker, args=(2, os.path.join(tmp, "init"), tmp, device), nprocs=2, join=True)
+        res = [torch.load(os.path.join(tmp, f"rank{r}.pt"), map_location="cpu") for r in range(2)]
     torch.manual_seed(0)
     x_all = torch.randn(4, 3, 5, 5) * 2 + 0.5
     w_out = torch.randn(4, 3, 5, 5)

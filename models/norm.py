@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from utils.general import ConfigError
@@ -161,6 +162,23 @@ class LayerNorm2d(nn.GroupNorm):
         super().__init__(1, num_channels, eps=eps, affine=affine)
 
 
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """InstanceNorm of (N, C, H, W) with affine parameters (= GroupNorm with G = C): statistics per image and channel.
+
+    Training on CPU with channels-last input normalises one image at a time with BatchNorm's kernel (one image's
+    batch statistics are its instance statistics). torch's instance_norm instead copies channels-last input to NCHW
+    and returns NCHW, which the next channels-last conv copies back; in the n model's training step those copies
+    were 31 % of the CPU time (benchmarks/profile_train.py --norm in). Elsewhere (eval, CUDA, NCHW) it is torch's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.device.type == "cpu" and x.dim() == 4 and x.shape[0] > 1 \
+                and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.cat([F.batch_norm(xi, None, None, self.weight, self.bias, True, 0.0, self.eps)
+                              for xi in x.split(1)])  # split / cat: one copy each way, also in backward
+        return super().forward(x)
+
+
 class _SyncBNFunction(torch.autograd.Function):
     """BatchNorm over the union of every rank's batch, via all_reduce; works on any backend (gloo on CPU)."""
 
@@ -254,7 +272,7 @@ def _build(spec: NormSpec, channels: int) -> nn.Module:
     if spec.type == "ln":
         return LayerNorm2d(channels, eps=eps, affine=spec.affine)
     if spec.type == "in":
-        return nn.InstanceNorm2d(channels, eps=eps, affine=spec.affine, track_running_stats=False)
+        return InstanceNorm2d(channels, eps=eps, affine=spec.affine, track_running_stats=False)
     if spec.type == "frozenbn":
         return FrozenBatchNorm2d(channels, eps=eps)
     return nn.Identity()

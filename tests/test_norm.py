@@ -125,6 +125,36 @@ def test_ln_and_in_layers():
     torch.testing.assert_close(inorm.eval()(x), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_instance_norm_channels_last_training_path_equals_torch(dtype: torch.dtype):
+    """The CPU training path for channels-last input (one BatchNorm per image) gives torch's instance_norm: outputs,
+    input / weight / bias gradients; it keeps channels-last (torch's returns NCHW). Eval and NCHW use torch's."""
+    torch.manual_seed(2)
+    layer = make_norm_builder("in")(6).train()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2)
+        layer.bias.uniform_(-1, 1)
+    x = (torch.randn(3, 6, 7, 5) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(3, 6, 7, 5)
+    xa = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        y = layer(xa.to(dtype))
+    (y.float() * g).sum().backward()
+    grads = [xa.grad, layer.weight.grad.clone(), layer.bias.grad.clone()]
+    layer.weight.grad = layer.bias.grad = None
+    xb = x.contiguous().requires_grad_(True)
+    ref = F.instance_norm(xb, weight=layer.weight, bias=layer.bias, eps=layer.eps)
+    (ref * g).sum().backward()
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(y.float(), ref, **tol)
+    for got, want in zip(grads, [xb.grad, layer.weight.grad, layer.bias.grad]):
+        torch.testing.assert_close(got.float(), want, **(tol if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)))
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), F.instance_norm(x, weight=layer.weight, bias=layer.bias,
+                                                                    eps=layer.eps))
+
+
 def test_layer_kinds_norm_and_fusible():
     kinds = {s: make_norm_builder(s)(16) for s in ("bn", "syncbn", "gn:C/16", "ln", "in", "frozenbn", "none")}
     assert isinstance(kinds["frozenbn"], FrozenBatchNorm2d) and isinstance(kinds["none"], nn.Identity)

@@ -49,7 +49,9 @@ def _label_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    """The repo first on the path, ahead of (not instead of) the caller's PYTHONPATH, which may hold packages."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
 
 
 def _epochs(csv_path: Path) -> list[int]:

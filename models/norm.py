@@ -165,17 +165,22 @@ class LayerNorm2d(nn.GroupNorm):
 class InstanceNorm2d(nn.InstanceNorm2d):
     """InstanceNorm of (N, C, H, W) with affine parameters (= GroupNorm with G = C): statistics per image and channel.
 
-    Training on CPU with channels-last input normalises one image at a time with BatchNorm's kernel (one image's
-    batch statistics are its instance statistics). torch's instance_norm instead copies channels-last input to NCHW
-    and returns NCHW, which the next channels-last conv copies back; in the n model's training step those copies
-    were 31 % of the CPU time (benchmarks/profile_train.py --norm in). Elsewhere (eval, CUDA, NCHW) it is torch's.
+    torch's instance_norm copies a channels-last input to NCHW and returns NCHW, which the next channels-last conv
+    copies back (31 % of the n model's CPU training step: benchmarks/profile_train.py --norm in). So on CPU, for
+    channels-last input: training normalises one image at a time with BatchNorm's kernel (one image's batch
+    statistics are its instance statistics), and float32 inference uses GroupNorm's channels-last kernel with one
+    group per channel (in inference it measured faster than the per-image path, in training slower). Everything else
+    (CUDA, NCHW, tracing for export) is torch's instance_norm.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.device.type == "cpu" and x.dim() == 4 and x.shape[0] > 1 \
-                and x.is_contiguous(memory_format=torch.channels_last):
-            return torch.cat([F.batch_norm(xi, None, None, self.weight, self.bias, True, 0.0, self.eps)
-                              for xi in x.split(1)])  # split / cat: one copy each way, also in backward
+        if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+                and not torch.jit.is_tracing():
+            if self.training and x.shape[0] > 1:
+                return torch.cat([F.batch_norm(xi, None, None, self.weight, self.bias, True, 0.0, self.eps)
+                                  for xi in x.split(1)])  # split / cat: one copy each way, also in backward
+            if not self.training and x.dtype == torch.float32:
+                return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
         return super().forward(x)
 
 

@@ -127,8 +127,9 @@ def test_ln_and_in_layers():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_instance_norm_channels_last_training_path_equals_torch(dtype: torch.dtype):
-    """The CPU training path for channels-last input (one BatchNorm per image) gives torch's instance_norm: outputs,
-    input / weight / bias gradients; it keeps channels-last (torch's returns NCHW). Eval and NCHW use torch's."""
+    """The CPU paths for channels-last input (training: one BatchNorm per image; float32 eval: GroupNorm with G = C)
+    give torch's instance_norm: outputs, input / weight / bias gradients; they keep channels-last (torch's returns
+    NCHW). Tracing (export) records torch's instance_norm."""
     torch.manual_seed(2)
     layer = make_norm_builder("in")(6).train()
     with torch.no_grad():
@@ -150,9 +151,12 @@ def test_instance_norm_channels_last_training_path_equals_torch(dtype: torch.dty
     torch.testing.assert_close(y.float(), ref, **tol)
     for got, want in zip(grads, [xb.grad, layer.weight.grad, layer.bias.grad]):
         torch.testing.assert_close(got.float(), want, **(tol if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)))
-    with torch.no_grad():
-        torch.testing.assert_close(layer.eval()(x), F.instance_norm(x, weight=layer.weight, bias=layer.bias,
-                                                                    eps=layer.eps))
+    with torch.no_grad():  # float32 inference: GroupNorm's channels-last kernel, one group per channel
+        y_eval = layer.eval()(x)
+        torch.testing.assert_close(y_eval, F.instance_norm(x, weight=layer.weight, bias=layer.bias, eps=layer.eps))
+        assert y_eval.is_contiguous(memory_format=torch.channels_last) and not y_eval.is_contiguous()
+        graph = str(torch.jit.trace(layer, x).graph)  # what export sees: torch's own op
+    assert "instance_norm" in graph and "group_norm" not in graph
 
 
 def test_layer_kinds_norm_and_fusible():

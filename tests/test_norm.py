@@ -126,7 +126,7 @@ def test_ln_and_in_layers():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_instance_norm_channels_last_training_path_equals_torch(dtype: torch.dtype):
+def test_instance_norm_channels_last_paths_equal_torch(dtype: torch.dtype):
     """The CPU paths for channels-last input (training: one BatchNorm per image; float32 eval: GroupNorm with G = C)
     give torch's instance_norm: outputs, input / weight / bias gradients; they keep channels-last (torch's returns
     NCHW). Tracing (export) records torch's instance_norm."""

@@ -185,7 +185,7 @@ def test_convert_sync_batchnorm_keeps_state():
     torch.testing.assert_close(sbn.running_var, bn.running_var)
 
 
-def _syncbn_worker(rank: int, world: int, init_file: str, out_dir: str, device: str) -> None:
+def _syncbn_worker(rank: int, world: int, init_file: str, out_dir: str, device: str, channels_last: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     x_all = (torch.randn(4, 3, 5, 5) * 2 + 0.5).to(device)
@@ -195,7 +195,10 @@ def _syncbn_worker(rank: int, world: int, init_file: str, out_dir: str, device: 
         layer.weight.copy_(torch.tensor([1.5, 0.5, -1.0]))
         layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
     sl = slice(2 * rank, 2 * rank + 2)
-    x = x_all[sl].clone().requires_grad_(True)
+    x = x_all[sl].clone()
+    if channels_last:  # how training feeds it (engine/accel.py)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     y = layer.train()(x)
     (y * w_out[sl]).sum().backward()
     gw, gb = layer.weight.grad.clone(), layer.bias.grad.clone()
@@ -208,12 +211,13 @@ def _syncbn_worker(rank: int, world: int, init_file: str, out_dir: str, device: 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device: torch's CUDA SyncBatchNorm path is not run"))])
-def test_syncbn_two_gloo_processes_equal_bn_on_whole_batch(device: str):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_syncbn_two_gloo_processes_equal_bn_on_whole_batch(device: str, channels_last: bool):
     """CPU: the project's all-reduce SyncBN. CUDA: torch's SyncBatchNorm kernels (nn.SyncBatchNorm.forward), with
     both processes on GPU 0 (NCCL refuses two ranks on one GPU; gloo takes CUDA tensors), which is how a one-GPU
     machine can check them."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_syncbn_worker, args=(2, os.path.join(tmp, "init"), tmp, device), nprocs=2, join=True)
+        mp.spawn(_syncbn_worker, args=(2, os.path.join(tmp, "init"), tmp, device, channels_last), nprocs=2, join=True)
         res = [torch.load(os.path.join(tmp, f"rank{r}.pt"), map_location="cpu") for r in range(2)]
     torch.manual_seed(0)
     x_all = torch.randn(4, 3, 5, 5) * 2 + 0.5

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.amp import autocast_dtype
     from engine.config import default_workers
     from engine.ema import ModelEMA
-    from engine.fit import set_cpu_threads
+    from engine.accel import set_cpu_threads
     from utils.memory import retain_freed_memory
     from engine.throughput import default_data
     from engine.optim import build_optimizer

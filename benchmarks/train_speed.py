@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from engine.config import default_workers  # the same thread / worker layout as training
-    from engine.fit import set_cpu_threads
+    from engine.accel import set_cpu_threads
     from utils.memory import retain_freed_memory
 
     if opt.workers < 0:

@@ -1,4 +1,4 @@
-"""Device-dependent training speed switches: the weights' memory format and ``torch.compile``.
+"""Device-dependent training speed switches: CPU threads, the weights' memory format and ``torch.compile``.
 
 Memory format: channels_last (NHWC) weights on CPU and CUDA. On CPU oneDNN's NHWC convolutions are ~15 % faster for
 BN and GN alike. On CUDA (an H200, float16 autocast, 640 px, batch 64, the step alone:
@@ -13,6 +13,7 @@ the H200 the compiled BN step was slower (806 vs 932 images/s) while the GN mode
 """
 from __future__ import annotations
 
+import os
 import shutil
 
 import torch
@@ -21,6 +22,14 @@ import torch.nn as nn
 from utils.general import ConfigError
 
 CHANNELS_LAST_DEVICES = ("cpu", "cuda")  # where NHWC training was measured faster (above)
+
+
+def set_cpu_threads() -> None:
+    """One intra-op thread per core this process owns, unless OMP_NUM_THREADS says otherwise (torchrun sets it
+    to 1 for several processes; raise it so that processes x threads = cores)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
 def train_channels_last(device: torch.device, override: bool | None = None) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch.nn as nn
 import yaml
 
 from data.loader import build_loader, create_dataloader, load_data_config
-from engine.accel import check_compile, compile_model, train_channels_last
+from engine.accel import check_compile, compile_model, set_cpu_threads, train_channels_last
 from engine.amp import autocast_dtype
 from engine.autoanchor import check_anchors
 from engine.backends import feeds_channels_last
@@ -57,14 +56,6 @@ def best_row(rows: list[dict[str, str]]) -> dict[str, float]:
             best = fitness(m)
             out = {**m, "best_epoch": int(float(r["epoch"]))}
     return out
-
-
-def set_cpu_threads() -> None:
-    """One intra-op thread per core this process owns, unless OMP_NUM_THREADS says otherwise (torchrun sets it
-    to 1 for several processes; raise it so that processes x threads = cores)."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
 PLOT_EVERY_S = 30.0  # results.png is redrawn at most this often, and always after the final epoch

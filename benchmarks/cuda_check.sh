@@ -55,8 +55,8 @@ for cl in off on; do
 done
 # the faster format for BN + GN decides the next stages (engine/accel.py trains channels_last on CUDA: measured)
 BEST=$($PY - "$JSON" <<'EOF'
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])] if __import__("os").path.exists(sys.argv[1]) else []
+import json, os, sys
+rows = [json.loads(line) for line in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
 tot = {}
 for r in rows:
     if r["fixed_batch"] and not r["compile"] and not r["cudnn_benchmark"] and r["norm"].split(":")[0] in ("bn", "gn"):

@@ -42,11 +42,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     from data.loader import create_dataloader, load_data_config
-    from engine.accel import train_channels_last
+    from engine.accel import set_cpu_threads, train_channels_last
     from engine.amp import autocast_dtype
     from engine.config import default_workers
     from engine.ema import ModelEMA
-    from engine.accel import set_cpu_threads
     from utils.memory import retain_freed_memory
     from engine.throughput import default_data
     from engine.optim import build_optimizer
@@ -54,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     from models.yolo import Model
     from utils.general import select_device, setup_logging
     from utils.hyp import load_hyp
-    from utils.timing import sync
 
     setup_logging(verbose=False)
     device = select_device(opt.device)
@@ -78,30 +76,10 @@ def main(argv: list[str] | None = None) -> int:
                                                      else [])
     prof = torch.profiler.profile(activities=acts) if opt.top else None
 
-    def stamp() -> float:
-        sync(device)  # CUDA runs asynchronously: a phase ends when its kernels have finished
-        return time.perf_counter()
-
     for i in range(opt.warmup + opt.batches):
         if i == opt.warmup and prof is not None:
             prof.__enter__()
-        t = [stamp()]
-        imgs, targets = next(it)[:2]
-        imgs, targets = imgs.to(device, non_blocking=True), targets.to(device)
-        imgs = imgs.float().div_(255) if imgs.dtype == torch.uint8 else imgs
-        t.append(stamp())
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            preds = model(imgs)
-            t.append(stamp())
-            loss, _ = compute_loss(preds, targets)
-        t.append(stamp())
-        scaler.scale(loss).backward()
-        t.append(stamp())
-        scaler.step(optim)
-        scaler.update()
-        optim.zero_grad(set_to_none=True)
-        ema.update(model)
-        t.append(stamp())
+        t = _timed_step(it, model, compute_loss, optim, scaler, ema, device, dtype)
         if i >= opt.warmup:
             n += 1
             for k, a, b in zip(PHASES, t, t[1:]):
@@ -112,6 +90,36 @@ def main(argv: list[str] | None = None) -> int:
                f"{workers} workers, cache {opt.cache}, {device}, {torch.get_num_threads()} threads, amp {dtype}")
     _report(setting, total, n, opt.batch_size, prof, opt.top, device.type == "cuda")
     return 0
+
+
+def _timed_step(batches: Any, model: Any, compute_loss: Any, optim: Any, scaler: Any, ema: Any, device: torch.device,
+                dtype: torch.dtype | None) -> list[float]:
+    """One training step on the next of ``batches`` as train_one_epoch runs it; the clock at the start and after each
+    phase (data wait + transfer, forward, loss, backward, step + EMA)."""
+    from engine.loop import batch_to_device
+    from utils.timing import sync
+
+    def stamp() -> float:
+        sync(device)  # CUDA runs asynchronously: a phase ends when its kernels have finished
+        return time.perf_counter()
+
+    t = [stamp()]
+    imgs, targets = next(batches)[:2]
+    imgs, targets = batch_to_device(imgs, targets, device)
+    t.append(stamp())
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        preds = model(imgs)
+        t.append(stamp())
+        loss, _ = compute_loss(preds, targets)
+    t.append(stamp())
+    scaler.scale(loss).backward()
+    t.append(stamp())
+    scaler.step(optim)
+    scaler.update()
+    optim.zero_grad(set_to_none=True)
+    ema.update(model)
+    t.append(stamp())
+    return t
 
 
 def _report(setting: str, total: dict[str, float], n: int, batch: int, prof: Any, top: int, cuda: bool) -> None:

@@ -32,7 +32,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time the step alone: each pass repeats the first loaded batch --max-batches times (20)")
     p.add_argument("--device", default="")
     p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="CUDA: let cuDNN time its algorithms per shape (torch.backends.cudnn.benchmark; off in train.py)")
+                   help="CUDA: let cuDNN time its algorithms per shape (torch.backends.cudnn.benchmark; "
+                        "off in train.py)")
     p.add_argument("--json", default="", help="also append the rows (with the settings) to this JSON-lines file")
     return p.parse_args(argv)
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} threads, amp {rows[0]['amp']}, channels_last {opt.channels_last}, "
           f"compile {'on' if opt.compile else 'off'}{', fixed batch (step only)' if opt.fixed_batch else ''}"
           f"{', cudnn.benchmark' if opt.cudnn_benchmark else ''}")
-    print(f"| {'norm':<10} | {'images/s':>9} | {'ms/image':>9} | {'time vs ' + rows[0]['norm']:>12} | {'warm-up s':>9} |")
+    print(f"| {'norm':<10} | {'images/s':>9} | {'ms/image':>9} | {'time vs ' + rows[0]['norm']:>12} "
+          f"| {'warm-up s':>9} |")
     print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 14}|{'-' * 11}|")
     for r in rows:
         ratio = rows[0]["images_per_s"] / r["images_per_s"]

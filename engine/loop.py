@@ -63,7 +63,8 @@ def _epoch_bar(loader: Any, epoch: int, main: bool) -> tqdm:
     return tqdm(loader, total=len(loader), bar_format=BAR_FORMAT, disable=not main)
 
 
-def _to_device(imgs: torch.Tensor, targets: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_to_device(imgs: torch.Tensor, targets: torch.Tensor,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, H, W) images as float 0..1 and (M, 6) targets on ``device``."""
     imgs = imgs.to(device, non_blocking=True)
     if imgs.dtype == torch.uint8:  # a loader may hand over bytes to save copies; scale here
@@ -115,7 +116,7 @@ def train_one_epoch(model: nn.Module, loader: Any, compute_loss: ComputeLoss, op
     for i, (imgs, targets, _paths, _metas) in enumerate(bar):
         ni = i + nb * epoch
         schedule.step(optimizer, epoch, ni)
-        imgs, targets = _to_device(imgs, targets, device)
+        imgs, targets = batch_to_device(imgs, targets, device)
         if plot_path is not None and i == 0:
             plot_batch(imgs, targets_per_image(targets, len(imgs), imgs.shape[2], imgs.shape[3]),
                        names or [], plot_path, _paths)

@@ -151,10 +151,12 @@ def test_instance_norm_channels_last_paths_equal_torch(dtype: torch.dtype):
     torch.testing.assert_close(y.float(), ref, **tol)
     for got, want in zip(grads, [xb.grad, layer.weight.grad, layer.bias.grad]):
         torch.testing.assert_close(got.float(), want, **(tol if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)))
-    with torch.no_grad():  # float32 inference: GroupNorm's channels-last kernel, one group per channel
-        y_eval = layer.eval()(x)
-        torch.testing.assert_close(y_eval, F.instance_norm(x, weight=layer.weight, bias=layer.bias, eps=layer.eps))
-        assert y_eval.is_contiguous(memory_format=torch.channels_last) and not y_eval.is_contiguous()
+    layer.eval()
+    with torch.no_grad():  # float32 inference: GroupNorm, G = C; small maps (7 x 5) via NCHW, large (32 x 33) not
+        for xe in (x, (torch.randn(2, 6, 32, 33) * 3 + 1).contiguous(memory_format=torch.channels_last)):
+            y_eval = layer(xe)
+            torch.testing.assert_close(y_eval, F.instance_norm(xe, weight=layer.weight, bias=layer.bias, eps=layer.eps))
+            assert y_eval.is_contiguous(memory_format=torch.channels_last) and not y_eval.is_contiguous()
         graph = str(torch.jit.trace(layer, x).graph)  # what export sees: torch's own op
     assert "instance_norm" in graph and "group_norm" not in graph
 

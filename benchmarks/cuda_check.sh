@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA checks of docs/training.md#cuda in one run, for a machine with one NVIDIA GPU:
 #   training step images/s for BN / GN / LN / IN at 640 px batch 64 (AMP float16 + GradScaler), NCHW and
-#   channels_last weights, with and without --compile; the same with the loader; a CUDA profile of the step;
-#   train.py / val.py / detect.py on CUDA; a 1-process torchrun job with --sync-bn; the test suite on the GPU
-#   (which runs torch's CUDA SyncBatchNorm across 2 processes on GPU 0).
+#   channels_last weights, torch's GroupNorm and models/norm_channels_last.py's, with and without --compile; the
+#   same with the loader; a CUDA profile of the step; train.py / val.py / detect.py on CUDA; a 1-process torchrun
+#   job with --sync-bn; the test suite on the GPU (which runs torch's CUDA SyncBatchNorm across 2 processes on GPU 0).
 #
 #   bash benchmarks/cuda_check.sh OUT_DIR [COCO128_DIR]      # COCO128_DIR default: ../shared/coco128
 #
@@ -59,12 +59,17 @@ import json, os, sys
 rows = [json.loads(line) for line in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
 tot = {}
 for r in rows:
-    if r["fixed_batch"] and not r["compile"] and not r["cudnn_benchmark"] and r["norm"].split(":")[0] in ("bn", "gn"):
+    if r["fixed_batch"] and not r["compile"] and not r["cudnn_benchmark"] and r.get("gn_kernel", "torch") == "torch" \
+            and r["norm"].split(":")[0] in ("bn", "gn"):
         tot[r["channels_last"]] = tot.get(r["channels_last"], 0) + 1 / r["images_per_s"]
 print(min(tot, key=tot.get) if tot else "on")
 EOF
 )
 echo "faster memory format (BN + GN step time): channels_last $BEST" >> "$SUM"
+# GN / LN / IN through models/norm_channels_last.py (keeps channels-last; torch's op makes CUDA input NCHW): the
+# measurement that decides whether it becomes the CUDA default (BN, unaffected, is the same-run reference)
+speed step-gn-kernel 150 --fixed-batch --max-batches "$STEPS" --epochs 2 --channels-last on --gn-kernel channels-last \
+    --norms bn gn:C/16 ln in
 speed step-cudnn-benchmark 150 --fixed-batch --max-batches "$STEPS" --epochs 2 --channels-last "$BEST" \
     --cudnn-benchmark --norms bn gn:C/16
 
@@ -85,6 +90,8 @@ stage pytest 300 $PY -m pytest -q -p no:cacheprovider -o faulthandler_timeout=12
 
 # 3. the step with the loader, the CUDA profile, then --compile (compile time is the warm-up column; GN takes > 2 min)
 speed loader 150 --epochs 4 --channels-last "$BEST" --norms bn gn:C/16
+stage profile-gn-kernel 120 $PY benchmarks/profile_train.py --data "$DATA" --device "$DEVICE" --img "$IMG" \
+    --batch-size "$BATCH" --norm gn:C/16 --batches 10 --warmup 3 --top 15 --gn-kernel channels-last
 for norm in bn gn:C/16; do
     stage "profile-$norm" 120 $PY benchmarks/profile_train.py --data "$DATA" --device "$DEVICE" --img "$IMG" \
         --batch-size "$BATCH" --norm "$norm" --batches 10 --warmup 3 --top 15

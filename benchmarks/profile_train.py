@@ -42,7 +42,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     from data.loader import create_dataloader, load_data_config
-    from engine.accel import set_cpu_threads, train_channels_last
+    from engine.accel import compile_model, set_cpu_threads, train_channels_last
     from engine.amp import autocast_dtype
     from engine.config import default_workers
     from engine.ema import ModelEMA
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.throughput import default_data
     from engine.optim import build_optimizer
     from models.loss import ComputeLoss
+    from models.norm_channels_last import set_group_norm_kernel
     from models.yolo import Model
     from utils.general import select_device, setup_logging
     from utils.hyp import load_hyp
@@ -65,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
                                   workers=workers, seed=0, shuffle=True, cache=opt.cache)
     torch.manual_seed(0)
     model = Model(opt.cfg, nc=int(data_cfg["nc"]), norm=opt.norm).to(device).train()
-    if train_channels_last(device):  # as train.py
+    if train_channels_last(device, {"auto": None, "on": True, "off": False}[opt.channels_last]):  # as train.py
         model.to(memory_format=torch.channels_last)
+    if opt.compile:
+        compile_model(model, device)
+    set_group_norm_kernel(opt.gn_kernel)
     optim, ema = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], 5e-4), ModelEMA(model)
     compute_loss = ComputeLoss(model, hyp, opt.img)
     total, dtype = dict.fromkeys(PHASES, 0.0), autocast_dtype(opt.amp, device)
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if prof is not None:
         prof.__exit__(None, None, None)
     setting = (f"{Path(data_cfg['yaml_file']).name}, {opt.img} px, batch {opt.batch_size}, norm {opt.norm}, "
-               f"{workers} workers, cache {opt.cache}, {device}, {torch.get_num_threads()} threads, amp {dtype}")
+               f"{workers} workers, cache {opt.cache}, {device}, {torch.get_num_threads()} threads, amp {dtype}, "
+               f"channels_last {opt.channels_last}, compile {opt.compile}, GN/LN/IN kernel {opt.gn_kernel}")
     _report(setting, total, n, opt.batch_size, prof, opt.top, device.type == "cuda")
     return 0
 

@@ -57,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     from engine.accel import set_cpu_threads
     from utils.memory import retain_freed_memory
 
+    from models.norm_channels_last import set_group_norm_kernel
+
     if opt.workers < 0:
         opt.workers = default_workers()
     torch.backends.cudnn.benchmark = opt.cudnn_benchmark
+    set_group_norm_kernel(opt.gn_kernel)
     if device.type == "cpu":
         set_cpu_threads()
         retain_freed_memory()  # as train.py does on CPU (utils/memory.py)
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{hyp.get('mosaic', 0)}, {opt.workers} workers, {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, amp {rows[0]['amp']}, channels_last {opt.channels_last}, "
           f"compile {'on' if opt.compile else 'off'}{', fixed batch (step only)' if opt.fixed_batch else ''}"
-          f"{', cudnn.benchmark' if opt.cudnn_benchmark else ''}")
+          f"{', cudnn.benchmark' if opt.cudnn_benchmark else ''}"
+          f"{', GN/LN/IN kernel ' + opt.gn_kernel if opt.gn_kernel != 'torch' else ''}")
     print(f"| {'norm':<10} | {'images/s':>9} | {'ms/image':>9} | {'time vs ' + rows[0]['norm']:>12} "
           f"| {'warm-up s':>9} |")
     print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 14}|{'-' * 11}|")
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 f.write(json.dumps({**r, "device": str(device), "img": opt.img, "batch": opt.batch_size,
                                     "channels_last": opt.channels_last, "compile": opt.compile,
-                                    "fixed_batch": opt.fixed_batch, "cudnn_benchmark": opt.cudnn_benchmark}) + "\n")
+                                    "fixed_batch": opt.fixed_batch, "cudnn_benchmark": opt.cudnn_benchmark,
+                                    "gn_kernel": opt.gn_kernel}) + "\n")
     by = {r["norm"].split(":")[0]: r for r in rows}
     if "bn" in by and "gn" in by:
         print(f"GN/BN time ratio: {by['bn']['images_per_s'] / by['gn']['images_per_s']:.3f}")

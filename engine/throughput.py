@@ -27,7 +27,8 @@ def default_data() -> str:
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags benchmarks/train_speed.py and profile_train.py share: data, model, size, batch, workers, amp, hyp."""
+    """The flags benchmarks/train_speed.py and profile_train.py share: data, model, size, batch, workers, amp, hyp,
+    memory format, compile, GroupNorm kernel."""
     p.add_argument("--data", default="", help="dataset YAML (default: coco128 when present, else synthetic)")
     p.add_argument("--cfg", default=str(ROOT / "cfg" / "models" / "yolo-n-bn.yaml"))
     p.add_argument("--img", type=int, default=320)
@@ -38,6 +39,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="the weights' memory format (auto: as train.py, engine/accel.py)")
     p.add_argument("--compile", action="store_true", help="as train.py's --compile")
+    p.add_argument("--gn-kernel", default="torch", choices=["torch", "channels-last"],
+                   help="GN / LN / IN on channels-last input: torch's op (as train.py) or the layout-keeping one of "
+                        "models/norm_channels_last.py")
     return p
 
 

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from models.norm_channels_last import group_norm_channels_last, use_channels_last_kernel
 from utils.general import ConfigError
 
 # canonical type -> accepted lower-case names
@@ -155,7 +156,16 @@ def gn_num_groups(channels: int, spec: NormSpec) -> int:
     return max(d for d in range(1, wanted + 1) if channels % d == 0)
 
 
-class LayerNorm2d(nn.GroupNorm):
+class GroupNorm2d(nn.GroupNorm):
+    """nn.GroupNorm for (N, C, H, W); channels-last input can take models/norm_channels_last.py's kernel (opt-in)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_channels_last_kernel(x):
+            return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+class LayerNorm2d(GroupNorm2d):
     """LayerNorm over (C, H, W) of each sample of an (N, C, H, W) tensor, as the GN paper defines LN for convnets."""
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
@@ -176,10 +186,13 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     (in inference it measured faster than the per-image path, in training slower). Below _GN_CL_MIN_HW pixels per map
     torch's channels-last GroupNorm walks each (image, group) with a stride of C, which with one channel per group is
     2x slower than going through NCHW and back (benchmarks/inference.py, IN at batch 32: 9.3 -> 8.5 ms per image).
-    Everything else (CUDA, NCHW, tracing for export) is torch's instance_norm.
+    Everything else (CUDA, NCHW, tracing for export) is torch's instance_norm, unless models/norm_channels_last.py's
+    kernel is switched on.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_channels_last_kernel(x):
+            return group_norm_channels_last(x, x.shape[1], self.weight, self.bias, self.eps)
         if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
                 and not torch.jit.is_tracing():
             if self.training and x.shape[0] > 1:
@@ -282,7 +295,7 @@ def _build(spec: NormSpec, channels: int) -> nn.Module:
     if spec.type == "syncbn":
         return SyncBatchNorm(channels, eps=eps, momentum=momentum, affine=spec.affine)
     if spec.type == "gn":
-        return nn.GroupNorm(gn_num_groups(channels, spec), channels, eps=eps, affine=spec.affine)
+        return GroupNorm2d(gn_num_groups(channels, spec), channels, eps=eps, affine=spec.affine)
     if spec.type == "ln":
         return LayerNorm2d(channels, eps=eps, affine=spec.affine)
     if spec.type == "in":

@@ -144,7 +144,7 @@ def test_part_overrides_and_cli_norm_override():
     nb = len(d["backbone"])
     kinds = {("backbone" if m.i < nb else "head", type(n).__name__)
              for m in model.model for n in m.modules() if is_norm_layer(n)}
-    assert kinds == {("backbone", "BatchNorm2d"), ("head", "GroupNorm")}
+    assert kinds == {("backbone", "BatchNorm2d"), ("head", "GroupNorm2d")}
     over = Model(d, norm="ln")  # an explicit norm replaces the per-part ones
     assert {type(n).__name__ for n in over.modules() if is_norm_layer(n)} == {"LayerNorm2d"}
     assert isinstance(Model(d, norm="syncbn").model[0].norm, SyncBatchNorm)

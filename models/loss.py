@@ -78,7 +78,7 @@ class ComputeLoss:
         """Compute the loss.
 
         Args:
-            preds: ``nl`` raw head outputs, each (N, na, ny, nx, nc + 5) logits.
+            preds: ``nl`` raw head outputs, each (N, ny, nx, na, nc + 5) logits (``Detect``'s train mode).
             targets: (M, 6) = image index, class, cx, cy, w, h normalised to the image.
         Returns:
             ``(loss * N, items)``: the scalar loss times the batch size (so the gradient scale does not depend
@@ -91,23 +91,23 @@ class ComputeLoss:
         tcls, tbox, indices, anch = self.build_targets(preds, targets.to(dev))
 
         for i, pi in enumerate(preds):
-            pi = pi.float()  # loss in fp32 even under autocast
             b, a, gj, gi = indices[i]
-            tobj = torch.zeros(pi.shape[:4], dtype=pi.dtype, device=dev)
+            # the loss is float32 even under autocast; only what it reads is converted, not the whole map
+            tobj = torch.zeros(pi.shape[:4], dtype=torch.float32, device=dev)  # (N, ny, nx, na)
             if b.shape[0]:
-                ps = pi[b, a, gj, gi]  # (n, no) predictions at the assigned cells
+                ps = pi[b, gj, gi, a].float()  # (n, no) predictions at the assigned cells
                 pxy = ps[:, :2].sigmoid() * 2 - 0.5
                 pwh = (ps[:, 2:4].sigmoid() * 2) ** 2 * anch[i]
                 ciou_loss = complete_box_iou_loss(_xywh2xyxy(pxy, pwh), _xywh2xyxy(tbox[i][:, :2], tbox[i][:, 2:]),
                                                   reduction="none")
                 lbox = lbox + ciou_loss.mean()
                 # objectness target = the (CIoU) quality of the box at that cell, so confidence ranks boxes by IoU
-                tobj[b, a, gj, gi] = (1.0 - ciou_loss).detach().clamp(0).to(tobj.dtype)
+                tobj[b, gj, gi, a] = (1.0 - ciou_loss).detach().clamp(0)
                 if self.nc > 1:
                     t = torch.full_like(ps[:, 5:], self.cn)
                     t[torch.arange(b.shape[0], device=dev), tcls[i]] = self.cp
                     lcls = lcls + self.bce_cls(ps[:, 5:], t)
-            lobj = lobj + self.bce_obj(pi[..., 4], tobj) * self.balance[i]
+            lobj = lobj + self.bce_obj(pi[..., 4].float(), tobj) * self.balance[i]
 
         lbox = lbox * self.box_gain
         lobj = lobj * self.obj_gain
@@ -132,7 +132,7 @@ class ComputeLoss:
         anchors_all = self.det.anchors.to(dev).float()
         for i in range(self.nl):
             anchors = anchors_all[i]
-            ny, nx = preds[i].shape[2:4]
+            ny, nx = preds[i].shape[1:3]
             gain[2:6] = torch.tensor([nx, ny, nx, ny], device=dev, dtype=torch.float32)
             t = t_all * gain
             if nt:

@@ -22,8 +22,10 @@ from utils.general import ConfigError, load_yaml
 class Detect(nn.Module):
     """YOLO head: a 1x1 conv per level predicting, per anchor, (x, y, w, h, obj, cls...).
 
-    Train mode returns ``nl`` raw maps (N, na, ny, nx, no); eval mode returns decoded boxes (N, na*sum(ny*nx), no)
-    with cx, cy, w, h in input pixels and sigmoid objectness / class scores.
+    Train mode returns ``nl`` raw maps (N, ny, nx, na, no): views of the conv outputs in channels-last order, so a
+    channels-last model neither copies them nor their gradients (YOLOv5's (N, na, ny, nx, no) needs a copy each
+    way). Eval mode returns decoded boxes (N, na*sum(ny*nx), no) with cx, cy, w, h in input pixels and sigmoid
+    objectness / class scores.
     """
 
     def __init__(self, nc: int = 80, anchors: list[list[float]] | tuple = (), ch: list[int] | tuple = ()) -> None:
@@ -41,8 +43,7 @@ class Detect(nn.Module):
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor:
         raw = [conv(x) for conv, x in zip(self.m, xs)]
         if self.training:
-            return [r.view(r.shape[0], self.na, self.no, *r.shape[2:]).permute(0, 1, 3, 4, 2).contiguous()
-                    for r in raw]
+            return [r.permute(0, 2, 3, 1).unflatten(3, (self.na, self.no)) for r in raw]
         if torch.is_grad_enabled():  # autograd cannot record the in-place decode below
             return self._decode(raw)
         # decode straight into one preallocated output: no per-level contiguous copies or concatenation. The

@@ -28,17 +28,17 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 def _ideal_preds(model: Model, loss: ComputeLoss, targets: torch.Tensor, bs: int, shift: float = 0.0):
     """Head outputs that reproduce every assigned target exactly (xy optionally shifted by ``shift`` cells)."""
     det = model.model[-1]
-    shapes = [(bs, det.na, IMG // int(s), IMG // int(s), det.no) for s in det.stride]
+    shapes = [(bs, IMG // int(s), IMG // int(s), det.na, det.no) for s in det.stride]  # Detect's train layout
     preds = [torch.full(s, -12.0) for s in shapes]  # objectness ~0 everywhere, class logits ~0
     tcls, tbox, indices, anch = loss.build_targets(preds, targets)
     for i, p in enumerate(preds):
         b, a, gj, gi = indices[i]
         xy = tbox[i][:, :2] + shift
         wh = tbox[i][:, 2:]
-        p[b, a, gj, gi, 0:2] = _logit((xy + 0.5) / 2)  # inverse of 2*sigmoid - 0.5
-        p[b, a, gj, gi, 2:4] = _logit(torch.sqrt(wh / anch[i]) / 2)  # inverse of (2*sigmoid)^2 * anchor
-        p[b, a, gj, gi, 4] = 12.0
-        p[b, a, gj, gi, 5 + tcls[i]] = 12.0
+        p[b, gj, gi, a, 0:2] = _logit((xy + 0.5) / 2)  # inverse of 2*sigmoid - 0.5
+        p[b, gj, gi, a, 2:4] = _logit(torch.sqrt(wh / anch[i]) / 2)  # inverse of (2*sigmoid)^2 * anchor
+        p[b, gj, gi, a, 4] = 12.0
+        p[b, gj, gi, a, 5 + tcls[i]] = 12.0
     return preds
 
 
@@ -69,7 +69,7 @@ def test_assignment_uses_two_neighbour_cells(model: Model) -> None:
     # its own cell (2, 2) plus the left (1, 2) and upper (2, 1) neighbours
     a0 = det.anchors[0, 0] / 8  # grid units -> image fraction of an 8x8 grid
     targets = torch.tensor([[0, 0, 2.4 / 8, 2.4 / 8, float(a0[0]), float(a0[1])]])
-    preds = [torch.zeros(1, det.na, IMG // int(s), IMG // int(s), det.no) for s in det.stride]
+    preds = [torch.zeros(1, IMG // int(s), IMG // int(s), det.na, det.no) for s in det.stride]
     _, _, indices, _ = loss.build_targets(preds, targets)
     b, a, gj, gi = indices[0]
     r = det.anchors[0] / det.anchors[0, 0]

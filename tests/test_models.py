@@ -42,7 +42,7 @@ def test_every_cfg_and_norm_trains_and_infers(cfg, norm):
     model = Model(cfg, nc=4, norm=norm)
     x = torch.rand(2, 3, 64, 64)
     out = model.train()(x)
-    assert [tuple(o.shape) for o in out] == [(2, 3, 8, 8, 9), (2, 3, 4, 4, 9), (2, 3, 2, 2, 9)]
+    assert [tuple(o.shape) for o in out] == [(2, 8, 8, 3, 9), (2, 4, 4, 3, 9), (2, 2, 2, 3, 9)]  # N, ny, nx, na, no
     loss = sum(o.float().pow(2).mean() for o in out)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -97,6 +97,27 @@ def test_detect_decoding_follows_yolov5_parameterisation():
     torch.testing.assert_close(y0[..., 4:], torch.full((3, 8, 8, 3), 0.5))
     y2 = y[0, 3 * 64 + 3 * 16:].view(3, 2, 2, 7)  # level 2: stride 32, anchors 116x90 ...
     torch.testing.assert_close(y2[2, 1, 0, :4], torch.tensor([16.0, 48.0, 373.0, 326.0]))
+
+
+def test_train_maps_are_channels_last_views_with_eval_scores():
+    """Train mode returns (N, ny, nx, na, no) views of the head convs' outputs: for a channels-last model they are
+    contiguous, i.e. no copy is made of them (or, in backward, of their gradients); their sigmoid objectness and
+    class scores are eval mode's (a FrozenBN model normalises alike in both modes)."""
+    torch.manual_seed(0)
+    model = Model(ROOT / "cfg/models/yolo-n-bn.yaml", nc=3, norm="frozenbn").to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    raw = model.train()(x)
+    assert [tuple(r.shape) for r in raw] == [(2, 8, 12, 3, 8), (2, 4, 6, 3, 8), (2, 2, 3, 3, 8)]
+    assert all(r.is_contiguous() and r._base is not None for r in raw)  # views, already dense
+    with torch.no_grad():
+        y = model.eval()(x)
+    start = 0
+    for r in raw:
+        ny, nx = r.shape[1:3]
+        level = y[:, start:start + 3 * ny * nx].view(2, 3, ny, nx, 8)  # eval order: anchor, row, column
+        torch.testing.assert_close(level[..., 4:], r.detach().permute(0, 3, 1, 2, 4)[..., 4:].sigmoid())
+        start += 3 * ny * nx
+    assert start == y.shape[1]
 
 
 def test_eval_decoding_with_autograd_equals_inference_path():

@@ -92,10 +92,9 @@ class ComputeLoss:
 
         for i, pi in enumerate(preds):
             b, a, gj, gi = indices[i]
-            # the loss is float32 even under autocast; only what it reads is converted, not the whole map
-            tobj = torch.zeros(pi.shape[:4], dtype=torch.float32, device=dev)  # (N, ny, nx, na)
+            ps, pobj = _HeadReads.apply(pi, b, gj, gi, a)  # float32, even under autocast
+            tobj = torch.zeros_like(pobj)  # (N, ny, nx, na)
             if b.shape[0]:
-                ps = pi[b, gj, gi, a].float()  # (n, no) predictions at the assigned cells
                 pxy = ps[:, :2].sigmoid() * 2 - 0.5
                 pwh = (ps[:, 2:4].sigmoid() * 2) ** 2 * anch[i]
                 ciou_loss = complete_box_iou_loss(_xywh2xyxy(pxy, pwh), _xywh2xyxy(tbox[i][:, :2], tbox[i][:, 2:]),
@@ -107,7 +106,7 @@ class ComputeLoss:
                     t = torch.full_like(ps[:, 5:], self.cn)
                     t[torch.arange(b.shape[0], device=dev), tcls[i]] = self.cp
                     lcls = lcls + self.bce_cls(ps[:, 5:], t)
-            lobj = lobj + self.bce_obj(pi[..., 4].float(), tobj) * self.balance[i]
+            lobj = lobj + self.bce_obj(pobj, tobj) * self.balance[i]
 
         lbox = lbox * self.box_gain
         lobj = lobj * self.obj_gain
@@ -159,6 +158,32 @@ class ComputeLoss:
             anch.append(anchors[a])
             tcls.append(c)
         return tcls, tbox, indices, anch
+
+
+class _HeadReads(torch.autograd.Function):
+    """What the loss reads of a head map pi (N, ny, nx, na, no): float32 copies of the rows at the assigned cells
+    (n, no) and of the objectness (N, ny, nx, na). Converting only these, not the whole map, saves a full-size copy
+    each way; the backward fills one gradient map in pi's dtype and sums rows of a cell assigned more than once in
+    float32 before rounding, so a bfloat16 map gets the gradient of its float32 copy, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, pi, b, gj, gi, a):  # noqa: D401
+        ctx.save_for_backward(b, gj, gi, a)
+        ctx.shape, ctx.dtype = pi.shape, pi.dtype
+        return pi[b, gj, gi, a].float(), pi[..., 4].float()
+
+    @staticmethod
+    def backward(ctx, g_rows, g_obj):
+        b, gj, gi, a = ctx.saved_tensors
+        _, ny, nx, na, no = ctx.shape
+        grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=g_obj.device)
+        grad[..., 4] = g_obj
+        if b.numel():
+            cells, inverse = torch.unique(((b * ny + gj) * nx + gi) * na + a, return_inverse=True)
+            rows = torch.zeros(cells.numel(), no, dtype=g_rows.dtype, device=g_rows.device)
+            rows.index_add_(0, inverse, g_rows)
+            grad.view(-1, no)[cells] += rows.to(ctx.dtype)  # objectness column of rows is 0: adds exactly
+        return grad, None, None, None, None
 
 
 def _xywh2xyxy(xy: torch.Tensor, wh: torch.Tensor) -> torch.Tensor:

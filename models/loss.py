@@ -182,7 +182,8 @@ class _HeadReads(torch.autograd.Function):
             cells, inverse = torch.unique(((b * ny + gj) * nx + gi) * na + a, return_inverse=True)
             rows = torch.zeros(cells.numel(), no, dtype=g_rows.dtype, device=g_rows.device)
             rows.index_add_(0, inverse, g_rows)
-            grad.view(-1, no)[cells] += rows.to(ctx.dtype)  # objectness column of rows is 0: adds exactly
+            rows[:, 4] += g_obj.reshape(-1)[cells]  # (N, ny, nx, na) flattens in the order of the cell index
+            grad.view(-1, no)[cells] = rows.to(ctx.dtype)
         return grad, None, None, None, None
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from models.loss import ComputeLoss
+from models.loss import ComputeLoss, _HeadReads
 from models.yolo import Model
 from utils.general import ROOT, load_yaml
 
@@ -108,3 +108,23 @@ def test_loss_scales_with_batch_size_and_label_smoothing(model: Model) -> None:
     smooth = ComputeLoss(model, {**HYP, "label_smoothing": 0.1}, IMG)
     assert (smooth.cp, smooth.cn) == (pytest.approx(0.95), pytest.approx(0.05))
     assert math.isfinite(smooth(one, t1)[0].item())
+
+
+def test_head_reads_gradient_is_the_float32_copy_gradient_bit_for_bit() -> None:
+    """The loss reads a bfloat16 head map through _HeadReads (float32 rows at the assigned cells, float32
+    objectness) instead of a float32 copy of the whole map; with cells assigned more than once, its gradient equals
+    the copy's bit for bit (sums in float32, one rounding)."""
+    g = torch.Generator().manual_seed(0)
+    pi = torch.randn(2, 4, 5, 3, 7, generator=g).to(torch.bfloat16)  # (N, ny, nx, na, no)
+    b, gj, gi, a = (torch.tensor(v) for v in ([0, 0, 1, 0, 1, 0], [1, 1, 2, 3, 2, 1], [2, 2, 0, 4, 0, 2],
+                                               [0, 0, 1, 2, 1, 0]))  # cell (0, 1, 2, 0) three times
+    w_rows, w_obj = torch.randn(6, 7, generator=g), torch.randn(2, 4, 5, 3, generator=g)
+    x1 = pi.clone().requires_grad_(True)
+    rows, obj = _HeadReads.apply(x1, b, gj, gi, a)
+    ((rows * w_rows).sum() + (obj * w_obj).sum()).backward()
+    x2 = pi.clone().requires_grad_(True)
+    full = x2.float()
+    ((full[b, gj, gi, a] * w_rows).sum() + (full[..., 4] * w_obj).sum()).backward()
+    assert rows.dtype == obj.dtype == torch.float32
+    assert torch.equal(rows, full[b, gj, gi, a].detach()) and torch.equal(obj, full[..., 4].detach())
+    assert x1.grad.dtype == torch.bfloat16 and torch.equal(x1.grad, x2.grad)

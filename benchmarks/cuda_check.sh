@@ -49,10 +49,14 @@ stage env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --
     $PY -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.version.cuda, \
     torch.backends.cudnn.version(), torch.cuda.is_available() and torch.cuda.get_device_name(0))'"
 
-# 1. the training step alone (one loaded batch repeated): both memory formats, every norm
-for cl in off on; do
-    speed "step-cl-$cl" 150 --fixed-batch --max-batches "$STEPS" --epochs 2 --channels-last $cl --norms bn gn:C/16 ln in
-done
+# 1. the training step alone (one loaded batch repeated), every norm: channels-last with torch's GroupNorm, then
+# with models/norm_channels_last.py's (keeps channels-last; torch's op makes CUDA input NCHW), the pair that decides
+# whether the latter becomes the CUDA default (BN, which neither touches, is each run's reference); then NCHW, the
+# format engine/accel.py measured slower
+speed step-cl-on 150 --fixed-batch --max-batches "$STEPS" --epochs 2 --channels-last on --norms bn gn:C/16 ln in
+speed step-gn-kernel 150 --fixed-batch --max-batches "$STEPS" --epochs 2 --channels-last on --gn-kernel channels-last \
+    --norms bn gn:C/16 ln in
+speed step-cl-off 150 --fixed-batch --max-batches "$STEPS" --epochs 2 --channels-last off --norms bn gn:C/16 ln in
 # the faster format for BN + GN decides the next stages (engine/accel.py trains channels_last on CUDA: measured)
 BEST=$($PY - "$JSON" <<'EOF'
 import json, os, sys
@@ -66,10 +70,6 @@ print(min(tot, key=tot.get) if tot else "on")
 EOF
 )
 echo "faster memory format (BN + GN step time): channels_last $BEST" >> "$SUM"
-# GN / LN / IN through models/norm_channels_last.py (keeps channels-last; torch's op makes CUDA input NCHW): the
-# measurement that decides whether it becomes the CUDA default (BN, unaffected, is the same-run reference)
-speed step-gn-kernel 150 --fixed-batch --max-batches "$STEPS" --epochs 2 --channels-last on --gn-kernel channels-last \
-    --norms bn gn:C/16 ln in
 speed step-cudnn-benchmark 150 --fixed-batch --max-batches "$STEPS" --epochs 2 --channels-last "$BEST" \
     --cudnn-benchmark --norms bn gn:C/16
 

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import default_workers
     from engine.ema import ModelEMA
     from utils.memory import retain_freed_memory
-    from engine.throughput import default_data
+    from engine.throughput import channels_last_flag, default_data
     from engine.optim import build_optimizer
     from models.loss import ComputeLoss
     from models.norm_channels_last import set_group_norm_kernel
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                                   workers=workers, seed=0, shuffle=True, cache=opt.cache)
     torch.manual_seed(0)
     model = Model(opt.cfg, nc=int(data_cfg["nc"]), norm=opt.norm).to(device).train()
-    if train_channels_last(device, {"auto": None, "on": True, "off": False}[opt.channels_last]):  # as train.py
+    if train_channels_last(device, channels_last_flag(opt.channels_last)):  # as train.py
         model.to(memory_format=torch.channels_last)
     if opt.compile:
         compile_model(model, device)

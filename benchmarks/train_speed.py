@@ -41,7 +41,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     from data.loader import load_data_config
-    from engine.throughput import default_data, train_throughput
+    from engine.throughput import channels_last_flag, default_data, train_throughput
     from utils.general import ConfigError, select_device, setup_logging
     from utils.hyp import load_hyp
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         retain_freed_memory()  # as train.py does on CPU (utils/memory.py)
     rows = [train_throughput(n, opt.cfg, data_cfg, hyp, device, img=opt.img, batch_size=opt.batch_size,
                              epochs=opt.epochs, workers=opt.workers, max_batches=opt.max_batches,
-                             amp=opt.amp, channels_last={"auto": None, "on": True, "off": False}[opt.channels_last],
+                             amp=opt.amp, channels_last=channels_last_flag(opt.channels_last),
                              compile=opt.compile, fixed_batch=opt.fixed_batch) for n in opt.norms]
     print(f"\ntrain speed: {Path(data_cfg['yaml_file']).name}, {opt.img} px, batch {opt.batch_size}, mosaic "
           f"{hyp.get('mosaic', 0)}, {opt.workers} workers, {device}, torch {torch.__version__}, "

@@ -45,6 +45,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def channels_last_flag(value: str) -> bool | None:
+    """``--channels-last`` of add_bench_arguments as train_throughput's ``channels_last``: None for auto."""
+    return {"auto": None, "on": True, "off": False}[value]
+
+
 class Capped:
     """The first ``n`` batches of a loader (len() included), so long splits can be sampled."""
 

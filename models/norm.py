@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from models.norm_channels_last import group_norm_channels_last, use_channels_last_kernel
+from models.norm_channels_last import group_norm_channels_last, is_channels_last_eager, use_channels_last_kernel
 from utils.general import ConfigError
 
 # canonical type -> accepted lower-case names
@@ -193,8 +193,7 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_channels_last_kernel(x):
             return group_norm_channels_last(x, x.shape[1], self.weight, self.bias, self.eps)
-        if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-                and not torch.jit.is_tracing():
+        if x.device.type == "cpu" and is_channels_last_eager(x):
             if self.training and x.shape[0] > 1:
                 return torch.cat([F.batch_norm(xi, None, None, self.weight, self.bias, True, 0.0, self.eps)
                                   for xi in x.split(1)])  # split / cat: one copy each way, also in backward

@@ -36,11 +36,15 @@ def group_norm_kernel() -> str:
     return _kernel
 
 
+def is_channels_last_eager(x: torch.Tensor) -> bool:
+    """A channels-last (N, C, H, W) tensor outside tracing (which export uses, and which must see torch's ops)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not torch.jit.is_tracing()
+
+
 def use_channels_last_kernel(x: torch.Tensor) -> bool:
     """True when ``x`` should go through ``group_norm_channels_last`` (not while tracing or compiling: export and
     inductor see torch's op)."""
-    return (_kernel == "channels-last" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+    return _kernel == "channels-last" and is_channels_last_eager(x) and not torch.compiler.is_compiling()
 
 
 def _group_sum(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -92,15 +96,16 @@ class _GroupNormChannelsLast(torch.autograd.Function):
             db = _group_sum(sum_dy * wf, groups)
             c2 = (db * mean - ds) * rstd.pow(3) / count
             c3 = -c2 * mean - db * rstd / count
+            rstd_c = _per_channel(rstd, c)  # (N, C, 1, 1)
             dx = None
             if ctx.needs_input_grad[0]:
                 part = torch.addcmul(_per_channel(c3, c), x, _per_channel(c2, c))  # in acc
                 dx = torch.empty_like(x)
-                torch.addcmul(part, dy, _per_channel(rstd, c) * wf[None, :, None, None], out=dx)
+                torch.addcmul(part, dy, rstd_c * wf[None, :, None, None], out=dx)
             dweight = dbias = None
             if weight is not None and ctx.needs_input_grad[1]:
                 dweight = ((sum_dy_x - sum_dy * _per_channel(mean, c)[:, :, 0, 0])
-                           * _per_channel(rstd, c)[:, :, 0, 0]).sum(0).to(weight.dtype)
+                           * rstd_c[:, :, 0, 0]).sum(0).to(weight.dtype)
             if weight is not None and ctx.needs_input_grad[2]:
                 dbias = sum_dy.sum(0).to(weight.dtype)
         return dx, dweight, dbias, None, None

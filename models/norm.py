@@ -185,7 +185,7 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     statistics are its instance statistics), and float32 inference uses GroupNorm's kernel with one group per channel
     (in inference it measured faster than the per-image path, in training slower). Below _GN_CL_MIN_HW pixels per map
     torch's channels-last GroupNorm walks each (image, group) with a stride of C, which with one channel per group is
-    2x slower than going through NCHW and back (benchmarks/inference.py, IN at batch 32: 9.3 -> 8.5 ms per image).
+    slower than going through NCHW and back (benchmarks/inference.py, IN at batch 32: 9.3 -> 8.5 ms per image).
     Everything else (CUDA, NCHW, tracing for export) is torch's instance_norm, unless models/norm_channels_last.py's
     kernel is switched on.
     """

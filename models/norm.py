@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from models.instance_norm_cpu import instance_norm_cpu
 from models.norm_channels_last import group_norm_channels_last, is_channels_last_eager, use_channels_last_kernel
 from utils.general import ConfigError
 
@@ -172,36 +173,22 @@ class LayerNorm2d(GroupNorm2d):
         super().__init__(1, num_channels, eps=eps, affine=affine)
 
 
-# torch's CPU GroupNorm parallelises channels-last input over (image, group) below this many pixels per map
-_GN_CL_MIN_HW = 1024
-
-
 class InstanceNorm2d(nn.InstanceNorm2d):
     """InstanceNorm of (N, C, H, W) with affine parameters (= GroupNorm with G = C): statistics per image and channel.
 
     torch's instance_norm copies a channels-last input to NCHW and returns NCHW, which the next channels-last conv
-    copies back (31 % of the n model's CPU training step: benchmarks/profile_train.py --norm in). So on CPU, for
-    channels-last input: training normalises one image at a time with BatchNorm's kernel (one image's batch
-    statistics are its instance statistics), and float32 inference uses GroupNorm's kernel with one group per channel
-    (in inference it measured faster than the per-image path, in training slower). Below _GN_CL_MIN_HW pixels per map
-    torch's channels-last GroupNorm walks each (image, group) with a stride of C, which with one channel per group is
-    slower than going through NCHW and back (benchmarks/inference.py, IN at batch 32: 9.3 -> 8.5 ms per image).
-    Everything else (CUDA, NCHW, tracing for export) is torch's instance_norm, unless models/norm_channels_last.py's
-    kernel is switched on.
+    copies back. On CPU, channels-last input outside tracing and compiling therefore goes through
+    models/instance_norm_cpu.py, which keeps the layout with torch's GroupNorm and BatchNorm kernels, chosen per map
+    size. Everything else (CUDA, NCHW, tracing for export) is torch's instance_norm, unless
+    models/norm_channels_last.py's kernel is switched on.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_channels_last_kernel(x):
             return group_norm_channels_last(x, x.shape[1], self.weight, self.bias, self.eps)
-        if x.device.type == "cpu" and is_channels_last_eager(x):
-            if self.training and x.shape[0] > 1:
-                return torch.cat([F.batch_norm(xi, None, None, self.weight, self.bias, True, 0.0, self.eps)
-                                  for xi in x.split(1)])  # split / cat: one copy each way, also in backward
-            if not self.training and x.dtype == torch.float32:
-                if x.shape[2] * x.shape[3] >= _GN_CL_MIN_HW:
-                    return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
-                y = F.group_norm(x.contiguous(), x.shape[1], self.weight, self.bias, self.eps)
-                return y.contiguous(memory_format=torch.channels_last)
+        if (x.device.type == "cpu" and is_channels_last_eager(x) and not self.track_running_stats
+                and not torch.compiler.is_compiling()):
+            return instance_norm_cpu(x, self.weight, self.bias, self.eps)
         return super().forward(x)
 
 

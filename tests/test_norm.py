@@ -127,9 +127,9 @@ def test_ln_and_in_layers():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_instance_norm_channels_last_paths_equal_torch(dtype: torch.dtype):
-    """The CPU paths for channels-last input (training: one BatchNorm per image; float32 eval: GroupNorm with G = C)
-    give torch's instance_norm: outputs, input / weight / bias gradients; they keep channels-last (torch's returns
-    NCHW). Tracing (export) records torch's instance_norm."""
+    """The layer's CPU path for channels-last input (models/instance_norm_cpu.py, tested per kernel in
+    test_instance_norm_cpu.py) gives torch's instance_norm in training and eval: outputs, input / weight / bias
+    gradients; it keeps channels-last (torch's returns NCHW). Tracing (export) records torch's instance_norm."""
     torch.manual_seed(2)
     layer = make_norm_builder("in")(6).train()
     with torch.no_grad():
@@ -152,7 +152,7 @@ def test_instance_norm_channels_last_paths_equal_torch(dtype: torch.dtype):
     for got, want in zip(grads, [xb.grad, layer.weight.grad, layer.bias.grad]):
         torch.testing.assert_close(got.float(), want, **(tol if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)))
     layer.eval()
-    with torch.no_grad():  # float32 inference: GroupNorm, G = C; small maps (7 x 5) via NCHW, large (32 x 33) not
+    with torch.no_grad():  # small maps (7 x 5) go through NCHW, large ones (32 x 33) stay channels-last
         for xe in (x, (torch.randn(2, 6, 32, 33) * 3 + 1).contiguous(memory_format=torch.channels_last)):
             y_eval = layer(xe)
             torch.testing.assert_close(y_eval, F.instance_norm(xe, weight=layer.weight, bias=layer.bias, eps=layer.eps))

@@ -1,0 +1,102 @@
+"""InstanceNorm of channels-last CPU tensors from torch's own kernels, keeping the layout where that is faster.
+
+torch's ``instance_norm`` copies channels-last input to NCHW and returns NCHW, which the next channels-last
+convolution copies back (31 % of the n model's CPU training step: ``benchmarks/profile_train.py --norm in``).
+InstanceNorm is GroupNorm with one channel per group, and also BatchNorm of one image at a time (one image's batch
+statistics are its instance statistics). Which of torch's kernels is fastest depends on the map, in per-layer
+timings of the n model's shapes (batch 16, bfloat16 and float32, 2 threads):
+
+- forward, maps of at least ``CL_MIN_HW`` pixels: ``native_group_norm`` on the channels-last input, which keeps the
+  layout. Below that size torch's channels-last kernel parallelises over (image, group) and reads each group with a
+  stride of C: 5-50x slower.
+- otherwise, and in backward, images of at least ``PER_IMAGE_MIN_SIZE`` values (C x H x W): BatchNorm's kernels one
+  image at a time, written into one output (the backward uses the forward's per-image mean and 1/std). torch's
+  channels-last GroupNorm backward is 10-50x slower in bfloat16.
+- smaller images, where each call's fixed cost dominates: GroupNorm through NCHW and back.
+
+Outputs and gradients keep the input's dtype and layout; mean and 1/std are float32 (float64 for float64 input).
+"""
+from __future__ import annotations
+
+import torch
+
+CL_MIN_HW = 1024
+PER_IMAGE_MIN_SIZE = 32768
+_CL = torch.channels_last
+
+
+def forward_path(c: int, h: int, w: int) -> str:
+    """Which kernel the forward of a (N, c, h, w) input takes: 'channels-last', 'per-image' or 'nchw'."""
+    if h * w >= CL_MIN_HW:
+        return "channels-last"
+    return "per-image" if c * h * w >= PER_IMAGE_MIN_SIZE else "nchw"
+
+
+def backward_path(c: int, h: int, w: int) -> str:
+    """Which kernel the backward of a (N, c, h, w) input takes: 'per-image' or 'nchw'."""
+    return "per-image" if c * h * w >= PER_IMAGE_MIN_SIZE else "nchw"
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, C, H, W) channels-last -> (output like x, mean (N, C), rstd (N, C))."""
+    n, c, h, w = x.shape
+    path = forward_path(c, h, w)
+    if path == "channels-last":
+        return torch.native_group_norm(x, weight, bias, n, c, h * w, c, eps)
+    if path == "per-image":
+        y = torch.empty_like(x)
+        mean, rstd = torch.empty(n, c, dtype=weight.dtype), torch.empty(n, c, dtype=weight.dtype)
+        for i in range(n):
+            torch.native_batch_norm(x[i:i + 1], weight, bias, None, None, True, 0.0, eps,
+                                    out=(y[i:i + 1], mean[i], rstd[i]))
+        return y, mean, rstd
+    y, mean, rstd = torch.native_group_norm(x.contiguous(), weight, bias, n, c, h * w, c, eps)
+    return y.contiguous(memory_format=_CL), mean, rstd
+
+
+def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+              eps: float, mask: list[bool]) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of x (N, C, H, W), weight (C,) and bias (C,) for the outputs ``mask`` asks for."""
+    n, c, h, w = x.shape
+    if backward_path(c, h, w) == "nchw":
+        dx, dw, db = torch.ops.aten.native_group_norm_backward(dy.contiguous(), x.contiguous(), mean, rstd, weight,
+                                                               n, c, h * w, c, mask)
+        return (dx.contiguous(memory_format=_CL) if dx is not None else None), dw, db
+    dy = dy.contiguous(memory_format=_CL)
+    dx = torch.empty_like(x)
+    dw, db = torch.empty(n, c, dtype=weight.dtype), torch.empty(n, c, dtype=weight.dtype)
+    for i in range(n):  # the out= backward fills all three outputs (a masked one would be resized)
+        torch.ops.aten.native_batch_norm_backward.out(
+            dy[i:i + 1], x[i:i + 1], weight, None, None, mean[i], rstd[i], True, eps, [True, True, True],
+            out0=dx[i:i + 1], out1=dw[i], out2=db[i])
+    return (dx if mask[0] else None), (dw.sum(0) if mask[1] else None), (db.sum(0) if mask[2] else None)
+
+
+class _InstanceNormCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):  # noqa: D401
+        y, mean, rstd = _forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        dx, dw, db = _backward(dy, x, weight, mean, rstd, ctx.eps, mask)
+        return dx, dw, db, None
+
+
+def instance_norm_cpu(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                      eps: float = 1e-5) -> torch.Tensor:
+    """F.instance_norm (no running statistics) of a channels-last CPU (N, C, H, W) tensor; output keeps x's dtype
+    and channels-last layout. weight / bias: (C,) or None."""
+    if weight is None or bias is None:  # float32 ones / zeros: the statistics are then float32 on every path
+        acc = torch.promote_types(x.dtype, torch.float32)
+        weight = weight if weight is not None else torch.ones(x.shape[1], dtype=acc)
+        bias = bias if bias is not None else torch.zeros(x.shape[1], dtype=acc)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return _InstanceNormCPU.apply(x, weight, bias, eps)
+    return _forward(x, weight, bias, eps)[0]

@@ -23,6 +23,8 @@ import torch
 CL_MIN_HW = 1024
 PER_IMAGE_MIN_SIZE = 32768
 _CL = torch.channels_last
+_BN_BACKWARD_OUT = torch.ops.aten.native_batch_norm_backward.out
+_ALL = [True, True, True]
 
 
 def forward_path(c: int, h: int, w: int) -> str:
@@ -47,9 +49,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     if path == "per-image":
         y = torch.empty_like(x)
         mean, rstd = torch.empty(n, c, dtype=weight.dtype), torch.empty(n, c, dtype=weight.dtype)
-        for i in range(n):
-            torch.native_batch_norm(x[i:i + 1], weight, bias, None, None, True, 0.0, eps,
-                                    out=(y[i:i + 1], mean[i], rstd[i]))
+        for xi, yi, mi, ri in zip(x.split(1), y.split(1), mean.unbind(0), rstd.unbind(0)):
+            torch.native_batch_norm(xi, weight, bias, None, None, True, 0.0, eps, out=(yi, mi, ri))
         return y, mean, rstd
     y, mean, rstd = torch.native_group_norm(x.contiguous(), weight, bias, n, c, h * w, c, eps)
     return y.contiguous(memory_format=_CL), mean, rstd
@@ -66,10 +67,9 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: tor
     dy = dy.contiguous(memory_format=_CL)
     dx = torch.empty_like(x)
     dw, db = torch.empty(n, c, dtype=weight.dtype), torch.empty(n, c, dtype=weight.dtype)
-    for i in range(n):  # the out= backward fills all three outputs (a masked one would be resized)
-        torch.ops.aten.native_batch_norm_backward.out(
-            dy[i:i + 1], x[i:i + 1], weight, None, None, mean[i], rstd[i], True, eps, [True, True, True],
-            out0=dx[i:i + 1], out1=dw[i], out2=db[i])
+    per_image = zip(dy.split(1), x.split(1), mean.unbind(0), rstd.unbind(0), dx.split(1), dw.unbind(0), db.unbind(0))
+    for dyi, xi, mi, ri, dxi, dwi, dbi in per_image:  # out= fills all three outputs (a masked one would be resized)
+        _BN_BACKWARD_OUT(dyi, xi, weight, None, None, mi, ri, True, eps, _ALL, out0=dxi, out1=dwi, out2=dbi)
     return (dx if mask[0] else None), (dw.sum(0) if mask[1] else None), (db.sum(0) if mask[2] else None)
 
 

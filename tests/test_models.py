@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.common import Conv
+from models.common import Conv, cat_channels
 from models.norm import SyncBatchNorm, is_norm_layer
 from models.yolo import Detect, Model, main
 from utils.general import ConfigError, load_yaml
@@ -207,3 +207,24 @@ def test_summary_cli(capsys):
     assert err.count("\n") == 0 and "valid choices: bn, syncbn, gn:G, gn:C/k, ln, in, frozenbn, none" in err
     assert main(["--cfg", "missing.yaml"]) == 2
     assert "model config 'missing.yaml' not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype, copied", [(torch.bfloat16, [True, False]), (torch.float32, [False, False])])
+def test_cat_channels_equals_torch_cat_and_hands_narrow_gradients_on_contiguous(dtype: torch.dtype,
+                                                                               copied: list[bool]) -> None:
+    """The model's channel concat: values and gradients identical to torch.cat; in backward a channels-last gradient
+    slice narrower than 64 bytes per pixel (16 bfloat16 channels) is made contiguous, wider ones (40 channels, or 16
+    float32 channels = 64 bytes) stay views of the output's gradient."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    a = torch.randn(2, 16, 5, 6, dtype=dtype).contiguous(memory_format=cl).requires_grad_()
+    b = torch.randn(2, 40, 5, 6, dtype=dtype).contiguous(memory_format=cl).requires_grad_()
+    y = cat_channels((a, b))
+    assert torch.equal(y, torch.cat((a, b), 1)) and y.is_contiguous(memory_format=cl)
+    g = torch.randn_like(y).contiguous(memory_format=cl)
+    got = torch.autograd.grad(y, (a, b), g)
+    want = torch.autograd.grad(torch.cat((a, b), 1), (a, b), g)
+    assert all(torch.equal(u, v) for u, v in zip(got, want))
+    assert [t.is_contiguous(memory_format=cl) for t in got] == copied
+    with torch.no_grad():
+        assert torch.equal(cat_channels([a, b]), y)

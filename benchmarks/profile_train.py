@@ -34,6 +34,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=16, help="timed batches (after --warmup)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--top", type=int, default=12, help="operator rows of the profiler table (0: skip the profiler)")
+    p.add_argument("--by-shape", action="store_true", help="one profiler row per operator and input shapes")
     p.add_argument("--cache", action="store_true", help="decode the images into RAM first (train.py --cache)")
     p.add_argument("--device", default="cpu", help="cpu or a CUDA index (CUDA phases are timed with syncs)")
     return p.parse_args(argv)
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     n, it = 0, iter(_forever(loader))
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda"
                                                      else [])
-    prof = torch.profiler.profile(activities=acts) if opt.top else None
+    prof = torch.profiler.profile(activities=acts, record_shapes=opt.by_shape) if opt.top else None
 
     for i in range(opt.warmup + opt.batches):
         if i == opt.warmup and prof is not None:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = (f"{Path(data_cfg['yaml_file']).name}, {opt.img} px, batch {opt.batch_size}, norm {opt.norm}, "
                f"{workers} workers, cache {opt.cache}, {device}, {torch.get_num_threads()} threads, amp {dtype}, "
                f"channels_last {opt.channels_last}, compile {opt.compile}, GN/LN/IN kernel {opt.gn_kernel}")
-    _report(setting, total, n, opt.batch_size, prof, opt.top, device.type == "cuda")
+    _report(setting, total, n, opt.batch_size, prof, opt.top, device.type == "cuda", opt.by_shape)
     return 0
 
 
@@ -127,7 +128,8 @@ def _timed_step(batches: Any, model: Any, compute_loss: Any, optim: Any, scaler:
     return t
 
 
-def _report(setting: str, total: dict[str, float], n: int, batch: int, prof: Any, top: int, cuda: bool) -> None:
+def _report(setting: str, total: dict[str, float], n: int, batch: int, prof: Any, top: int, cuda: bool,
+            by_shape: bool = False) -> None:
     """Print the per-phase table (ms per batch, share) and the profiler's top operators."""
     step = sum(total.values())
     print(f"\nprofile: {setting}, {n} batches: {1000 * step / n:.0f} ms/batch, {n * batch / step:.1f} images/s")
@@ -136,7 +138,8 @@ def _report(setting: str, total: dict[str, float], n: int, batch: int, prof: Any
         print(f"| {k} | {1000 * total[k] / n:.1f} | {100 * total[k] / step:.1f} % |")
     if prof is not None:
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=40))
+        print(prof.key_averages(group_by_input_shape=by_shape).table(sort_by=key, row_limit=top,
+                                                                   max_name_column_width=40, max_shapes_column_width=60))
 
 
 def _forever(loader):

@@ -40,25 +40,28 @@ def backward_path(c: int, h: int, w: int) -> str:
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, C, H, W) channels-last -> (output like x, mean (N, C), rstd (N, C))."""
+             eps: float) -> tuple[torch.Tensor, ...]:
+    """(N, C, H, W) channels-last -> (output like x, mean (N, C), rstd (N, C), x as the backward wants it: the NCHW
+    copy on the NCHW path, whose backward is also NCHW, so that it is not made twice)."""
     n, c, h, w = x.shape
     path = forward_path(c, h, w)
     if path == "channels-last":
-        return torch.native_group_norm(x, weight, bias, n, c, h * w, c, eps)
+        return (*torch.native_group_norm(x, weight, bias, n, c, h * w, c, eps), x)
     if path == "per-image":
         y = torch.empty_like(x)
         mean, rstd = torch.empty(n, c, dtype=weight.dtype), torch.empty(n, c, dtype=weight.dtype)
         for xi, yi, mi, ri in zip(x.split(1), y.split(1), mean.unbind(0), rstd.unbind(0)):
             torch.native_batch_norm(xi, weight, bias, None, None, True, 0.0, eps, out=(yi, mi, ri))
-        return y, mean, rstd
-    y, mean, rstd = torch.native_group_norm(x.contiguous(), weight, bias, n, c, h * w, c, eps)
-    return y.contiguous(memory_format=_CL), mean, rstd
+        return y, mean, rstd, x
+    xc = x.contiguous()
+    y, mean, rstd = torch.native_group_norm(xc, weight, bias, n, c, h * w, c, eps)
+    return y.contiguous(memory_format=_CL), mean, rstd, xc
 
 
 def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
               eps: float, mask: list[bool]) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of x (N, C, H, W), weight (C,) and bias (C,) for the outputs ``mask`` asks for."""
+    """Gradients of x (N, C, H, W), weight (C,) and bias (C,) for the outputs ``mask`` asks for; x is the forward's
+    channels-last input, or its NCHW copy where the backward path is NCHW."""
     n, c, h, w = x.shape
     if backward_path(c, h, w) == "nchw":
         dx, dw, db = torch.ops.aten.native_group_norm_backward(dy.contiguous(), x.contiguous(), mean, rstd, weight,
@@ -76,8 +79,8 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: tor
 class _InstanceNormCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):  # noqa: D401
-        y, mean, rstd = _forward(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        y, mean, rstd, x_saved = _forward(x, weight, bias, eps)
+        ctx.save_for_backward(x_saved, weight, mean, rstd)
         ctx.eps = eps
         return y
 

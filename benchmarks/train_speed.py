@@ -2,15 +2,20 @@
 
     python benchmarks/train_speed.py                       # 320 px, batch 16, mosaic on, ../shared/coco128
     python benchmarks/train_speed.py --norms bn gn:C/16 ln --epochs 3 --data cfg/data/synthetic.yaml
+    python benchmarks/train_speed.py --norms bn gn:C/16 ln in --rounds 2   # ABBA order, median ratios
 
 Runs ``engine.throughput.train_throughput`` (``engine.loop.train_one_epoch``, the same code as train.py: AMP on
 CUDA, nominal-batch accumulation, EMA, loaded batches with mosaic) for ``--epochs`` timed passes after one untimed
-warm-up pass, and prints a table plus the GN/BN time ratio. coco128 is used when ``../shared/coco128`` exists, else the built-in synthetic data.
+warm-up pass, and prints a table plus the GN/BN time ratio. With ``--rounds R`` the norms run R times, every
+other round in reverse order (bn gn ln, ln gn bn, ...), so that a machine drifting in speed during the run does not
+favour the norms measured first; each norm's time is compared with the first norm's of the same round, and the
+median over rounds is printed. coco128 is used when ``../shared/coco128`` exists, else the built-in synthetic data.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,6 +39,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="CUDA: let cuDNN time its algorithms per shape (torch.backends.cudnn.benchmark; "
                         "off in train.py)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the norms, every other round in reverse order")
     p.add_argument("--json", default="", help="also append the rows (with the settings) to this JSON-lines file")
     return p.parse_args(argv)
 
@@ -66,16 +72,47 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         set_cpu_threads()
         retain_freed_memory()  # as train.py does on CPU (utils/memory.py)
-    rows = [train_throughput(n, opt.cfg, data_cfg, hyp, device, img=opt.img, batch_size=opt.batch_size,
-                             epochs=opt.epochs, workers=opt.workers, max_batches=opt.max_batches,
-                             amp=opt.amp, channels_last=channels_last_flag(opt.channels_last),
-                             compile=opt.compile, fixed_batch=opt.fixed_batch) for n in opt.norms]
+    rounds = []
+    for r in range(max(1, opt.rounds)):
+        order = opt.norms if r % 2 == 0 else opt.norms[::-1]
+        got = {n: train_throughput(n, opt.cfg, data_cfg, hyp, device, img=opt.img, batch_size=opt.batch_size,
+                                   epochs=opt.epochs, workers=opt.workers, max_batches=opt.max_batches,
+                                   amp=opt.amp, channels_last=channels_last_flag(opt.channels_last),
+                                   compile=opt.compile, fixed_batch=opt.fixed_batch) for n in order}
+        rounds.append([got[n] for n in opt.norms])
+    _print_setting(opt, data_cfg, hyp, device, rounds[0])
+    if len(rounds) == 1:
+        _print_table(rounds[0])
+    else:
+        _print_rounds(rounds)
+    if opt.json:
+        with open(opt.json, "a") as f:
+            for r, rows in enumerate(rounds):
+                for row in rows:
+                    f.write(json.dumps({**row, "round": r, "device": str(device), "img": opt.img,
+                                        "batch": opt.batch_size, "channels_last": opt.channels_last,
+                                        "compile": opt.compile, "fixed_batch": opt.fixed_batch,
+                                        "cudnn_benchmark": opt.cudnn_benchmark, "gn_kernel": opt.gn_kernel}) + "\n")
+    kind = [n.split(":")[0] for n in opt.norms]
+    if "bn" in kind and "gn" in kind:
+        ib, ig = kind.index("bn"), kind.index("gn")
+        gn_bn = statistics.median(rows[ib]["images_per_s"] / rows[ig]["images_per_s"] for rows in rounds)
+        print(f"GN/BN time ratio{' (median)' if len(rounds) > 1 else ''}: {gn_bn:.3f}")
+    return 0
+
+
+def _print_setting(opt: argparse.Namespace, data_cfg: dict, hyp: dict, device: torch.device, rows: list[dict]) -> None:
     print(f"\ntrain speed: {Path(data_cfg['yaml_file']).name}, {opt.img} px, batch {opt.batch_size}, mosaic "
           f"{hyp.get('mosaic', 0)}, {opt.workers} workers, {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, amp {rows[0]['amp']}, channels_last {opt.channels_last}, "
           f"compile {'on' if opt.compile else 'off'}{', fixed batch (step only)' if opt.fixed_batch else ''}"
           f"{', cudnn.benchmark' if opt.cudnn_benchmark else ''}"
-          f"{', GN/LN/IN kernel ' + opt.gn_kernel if opt.gn_kernel != 'torch' else ''}")
+          f"{', GN/LN/IN kernel ' + opt.gn_kernel if opt.gn_kernel != 'torch' else ''}"
+          f"{f', {opt.rounds} rounds' if opt.rounds > 1 else ''}")
+
+
+def _print_table(rows: list[dict]) -> None:
+    """One round: images/s, ms/image and time relative to the first norm."""
     print(f"| {'norm':<10} | {'images/s':>9} | {'ms/image':>9} | {'time vs ' + rows[0]['norm']:>12} "
           f"| {'warm-up s':>9} |")
     print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 14}|{'-' * 11}|")
@@ -83,17 +120,22 @@ def main(argv: list[str] | None = None) -> int:
         ratio = rows[0]["images_per_s"] / r["images_per_s"]
         print(f"| {r['norm']:<10} | {r['images_per_s']:9.1f} | {1000 / r['images_per_s']:9.1f} | {ratio:12.3f} "
               f"| {r['warmup_s']:9.1f} |")
-    if opt.json:
-        with open(opt.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps({**r, "device": str(device), "img": opt.img, "batch": opt.batch_size,
-                                    "channels_last": opt.channels_last, "compile": opt.compile,
-                                    "fixed_batch": opt.fixed_batch, "cudnn_benchmark": opt.cudnn_benchmark,
-                                    "gn_kernel": opt.gn_kernel}) + "\n")
-    by = {r["norm"].split(":")[0]: r for r in rows}
-    if "bn" in by and "gn" in by:
-        print(f"GN/BN time ratio: {by['bn']['images_per_s'] / by['gn']['images_per_s']:.3f}")
-    return 0
+
+
+def _median_ratios(rounds: list[list[dict]]) -> dict[str, float]:
+    """norm -> median over rounds of (its time per image / the first norm's in the same round)."""
+    return {row["norm"]: statistics.median(rows[0]["images_per_s"] / rows[i]["images_per_s"] for rows in rounds)
+            for i, row in enumerate(rounds[0])}
+
+
+def _print_rounds(rounds: list[list[dict]]) -> None:
+    """Several rounds: images/s and the time ratio per round, then the median ratio."""
+    ref, med = rounds[0][0]["norm"], _median_ratios(rounds)
+    print(f"| norm | images/s per round | time vs {ref} per round | median |\n|---|---|---|---:|")
+    for i, row in enumerate(rounds[0]):
+        ips = " / ".join(f"{rows[i]['images_per_s']:.1f}" for rows in rounds)
+        rat = " / ".join(f"{rows[0]['images_per_s'] / rows[i]['images_per_s']:.3f}" for rows in rounds)
+        print(f"| {row['norm']} | {ips} | {rat} | {med[row['norm']]:.3f} |")
 
 
 if __name__ == "__main__":

@@ -4,14 +4,14 @@ torch's ``instance_norm`` copies channels-last input to NCHW and returns NCHW, w
 convolution copies back (31 % of the n model's CPU training step: ``benchmarks/profile_train.py --norm in``).
 InstanceNorm is GroupNorm with one channel per group, and also BatchNorm of one image at a time (one image's batch
 statistics are its instance statistics). Which of torch's kernels is fastest depends on the map, in per-layer
-timings of the n model's shapes (batch 16, bfloat16 and float32, 2 threads):
+timings of the n model's shapes (``benchmarks/instance_norm_kernels.py``: batch 16, bfloat16 and float32, 2 threads):
 
 - forward, maps of at least ``CL_MIN_HW`` pixels: ``native_group_norm`` on the channels-last input, which keeps the
   layout. Below that size torch's channels-last kernel parallelises over (image, group) and reads each group with a
-  stride of C: 2-3x slower than the best alternative in float32, 16-23x in bfloat16.
+  stride of C: 2-3x slower than the best alternative in float32, 13-20x in bfloat16.
 - otherwise, and in backward, images of at least ``PER_IMAGE_MIN_SIZE`` values (C x H x W): BatchNorm's kernels one
   image at a time, written into one output (the backward uses the forward's per-image mean and 1/std). torch's
-  channels-last GroupNorm backward is 11-23x slower in bfloat16.
+  channels-last GroupNorm backward is 9-19x slower in bfloat16.
 - smaller images, where each call's fixed cost dominates: GroupNorm through NCHW and back.
 
 Outputs and gradients keep the input's dtype and layout; mean and 1/std are float32 (float64 for float64 input).

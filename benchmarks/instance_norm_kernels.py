@@ -6,7 +6,8 @@
 For every distinct IN input shape of the model, ms per call of each candidate: the forward by torch's channels-last
 GroupNorm (one channel per group), by BatchNorm one image at a time, and by GroupNorm through NCHW and back; the
 backward by BatchNorm one image at a time, by GroupNorm's NCHW backward (conversions included) and by torch's
-channels-last GroupNorm backward (not used: slow). The last column is what the module picks. Run it on a quiet machine; re-tune CL_MIN_HW / PER_IMAGE_MIN_SIZE from it.
+channels-last GroupNorm backward. The last column is what the module picks, forward and backward; it never picks
+the channels-last GroupNorm (float32 E[x^2] - mean^2 variance: see models/instance_norm_cpu.py). Run it on a quiet machine; re-tune PER_IMAGE_MIN_SIZE from it.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     opt = p.parse_args(argv)
     from engine.accel import set_cpu_threads
-    from models.instance_norm_cpu import backward_path, forward_path
+    from models.instance_norm_cpu import kernel_path
 
     set_cpu_threads()
     dtype = getattr(torch, opt.dtype)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         dy = torch.randn(*shape, dtype=dtype).contiguous(memory_format=CL)
         ms = [best_ms(fn, *((2, 1) if name == "bwd channels-last" else ()))
               for name, fn in candidates(x, dy).items()]
-        picked = f"{forward_path(*shape[1:])} / {backward_path(*shape[1:])}"
+        picked = kernel_path(*shape[1:])
         print(f"| {shape} | {count} | " + " | ".join(f"{v:.3f}" for v in ms) + f" | {picked} |")
     return 0
 

@@ -2,40 +2,36 @@
 
 torch's ``instance_norm`` copies channels-last input to NCHW and returns NCHW, which the next channels-last
 convolution copies back (31 % of the n model's CPU training step: ``benchmarks/profile_train.py --norm in``).
-InstanceNorm is GroupNorm with one channel per group, and also BatchNorm of one image at a time (one image's batch
-statistics are its instance statistics). Which of torch's kernels is fastest depends on the map, in per-layer
-timings of the n model's shapes (``benchmarks/instance_norm_kernels.py``: batch 16, bfloat16 and float32, 2 threads):
+InstanceNorm is also BatchNorm of one image at a time (one image's batch statistics are its instance statistics)
+and GroupNorm with one channel per group. Per-layer timings of the n model's shapes
+(``benchmarks/instance_norm_kernels.py``: batch 16, bfloat16 and float32, 2 threads) pick, for forward and backward:
 
-- forward, maps of at least ``CL_MIN_HW`` pixels: ``native_group_norm`` on the channels-last input, which keeps the
-  layout. Below that size torch's channels-last kernel parallelises over (image, group) and reads each group with a
-  stride of C: 2-3x slower than the best alternative in float32, 13-20x in bfloat16.
-- otherwise, and in backward, images of at least ``PER_IMAGE_MIN_SIZE`` values (C x H x W): BatchNorm's kernels one
-  image at a time, written into one output (the backward uses the forward's per-image mean and 1/std). torch's
-  channels-last GroupNorm backward is 9-19x slower in bfloat16.
-- smaller images, where each call's fixed cost dominates: GroupNorm through NCHW and back.
+- images of at least ``PER_IMAGE_MIN_SIZE`` values (C x H x W): BatchNorm's kernels one image at a time, written
+  into one output (the backward uses the forward's per-image mean and 1/std);
+- smaller images, where each call's fixed cost dominates: GroupNorm through NCHW and back (the backward reuses the
+  forward's NCHW copy of the input).
 
-Outputs and gradients keep the input's dtype and layout; mean and 1/std are float32 (float64 for float64 input).
+Not used: torch's channels-last GroupNorm. Its forward is the fastest on maps of 1,024 pixels and more, but it
+computes the variance as E[x^2] - mean^2 in float32. Where an image's mean is large against its spread (a nearly
+flat image after the stem convolution) that loses most digits: at a mean of 50 standard deviations its output is
+1e-2 off in float32, BatchNorm's channels-last kernel 1e-4 (tests/test_instance_norm_cpu.py). Its backward is also
+9-19x slower than these in bfloat16.
+
+Outputs and gradients keep the input's dtype and layout; mean and 1/std have the weight's dtype (float32 weights
+give float32 statistics, also for bfloat16 input).
 """
 from __future__ import annotations
 
 import torch
 
-CL_MIN_HW = 1024
 PER_IMAGE_MIN_SIZE = 32768
 _CL = torch.channels_last
 _BN_BACKWARD_OUT = torch.ops.aten.native_batch_norm_backward.out
 _ALL = [True, True, True]
 
 
-def forward_path(c: int, h: int, w: int) -> str:
-    """Which kernel the forward of a (N, c, h, w) input takes: 'channels-last', 'per-image' or 'nchw'."""
-    if h * w >= CL_MIN_HW:
-        return "channels-last"
-    return "per-image" if c * h * w >= PER_IMAGE_MIN_SIZE else "nchw"
-
-
-def backward_path(c: int, h: int, w: int) -> str:
-    """Which kernel the backward of a (N, c, h, w) input takes: 'per-image' or 'nchw'."""
+def kernel_path(c: int, h: int, w: int) -> str:
+    """Which kernels a (N, c, h, w) input takes, forward and backward: 'per-image' or 'nchw'."""
     return "per-image" if c * h * w >= PER_IMAGE_MIN_SIZE else "nchw"
 
 
@@ -44,10 +40,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """(N, C, H, W) channels-last -> (output like x, mean (N, C), rstd (N, C), x as the backward wants it: the NCHW
     copy on the NCHW path, whose backward is also NCHW, so that it is not made twice)."""
     n, c, h, w = x.shape
-    path = forward_path(c, h, w)
-    if path == "channels-last":
-        return (*torch.native_group_norm(x, weight, bias, n, c, h * w, c, eps), x)
-    if path == "per-image":
+    if kernel_path(c, h, w) == "per-image":
         y = torch.empty_like(x)
         mean, rstd = torch.empty(n, c, dtype=weight.dtype), torch.empty(n, c, dtype=weight.dtype)
         for xi, yi, mi, ri in zip(x.split(1), y.split(1), mean.unbind(0), rstd.unbind(0)):
@@ -63,7 +56,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: tor
     """Gradients of x (N, C, H, W), weight (C,) and bias (C,) for the outputs ``mask`` asks for; x is the forward's
     channels-last input, or its NCHW copy where the backward path is NCHW."""
     n, c, h, w = x.shape
-    if backward_path(c, h, w) == "nchw":
+    if kernel_path(c, h, w) == "nchw":
         dx, dw, db = torch.ops.aten.native_group_norm_backward(dy.contiguous(), x.contiguous(), mean, rstd, weight,
                                                                n, c, h * w, c, mask)
         return (dx.contiguous(memory_format=_CL) if dx is not None else None), dw, db
@@ -96,7 +89,7 @@ def instance_norm_cpu(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
                       eps: float = 1e-5) -> torch.Tensor:
     """F.instance_norm (no running statistics) of a channels-last CPU (N, C, H, W) tensor; output keeps x's dtype
     and channels-last layout. weight / bias: (C,) or None."""
-    if weight is None or bias is None:  # float32 ones / zeros: the statistics are then float32 on every path
+    if weight is None or bias is None:  # ones / zeros in float32 (float64 for float64 x), as the statistics' dtype
         acc = torch.promote_types(x.dtype, torch.float32)
         weight = weight if weight is not None else torch.ones(x.shape[1], dtype=acc)
         bias = bias if bias is not None else torch.zeros(x.shape[1], dtype=acc)

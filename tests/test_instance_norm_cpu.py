@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.instance_norm_cpu import backward_path, forward_path, instance_norm_cpu
+from models.instance_norm_cpu import instance_norm_cpu, kernel_path
 
-# (N, C, H, W) -> (forward kernel, backward kernel) under the module's thresholds
+# (N, C, H, W): both kernels, small and large maps (the NCHW path also above 1,024 px, the per-image one below)
 SHAPES = [(3, 5, 7, 9), (2, 160, 15, 14), (2, 3, 33, 32), (2, 32, 33, 32)]
 
 
@@ -15,10 +15,26 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def test_shapes_cover_every_kernel_combination() -> None:
-    combos = {(forward_path(*s[1:]), backward_path(*s[1:])) for s in SHAPES}
-    assert combos == {("nchw", "nchw"), ("per-image", "per-image"), ("channels-last", "nchw"),
-                      ("channels-last", "per-image")}
+def test_shapes_cover_both_kernels() -> None:
+    assert [kernel_path(*s[1:]) for s in SHAPES] == ["nchw", "per-image", "nchw", "per-image"]
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 40, 40), (2, 32, 40, 40), (1, 16, 160, 160)])
+def test_float32_keeps_torch_accuracy_when_the_mean_dwarfs_the_spread(shape: tuple[int, ...]) -> None:
+    """A nearly flat map (mean 50x its standard deviation, as after the stem of a flat image). torch's channels-last
+    GroupNorm, whose float32 variance is E[x^2] - mean^2, is 1.2e-2 to 2.5e-2 off here; this path stays within
+    1e-3 (BatchNorm's channels-last kernel, which the per-image path and every BN model use, is ~1e-4 off, torch's
+    NCHW instance_norm ~3e-6), outputs and input gradients."""
+    torch.manual_seed(3)
+    x = _channels_last(torch.randn(*shape) + 50).requires_grad_()
+    y = instance_norm_cpu(x)
+    x64 = x.detach().double().requires_grad_()
+    ref = F.instance_norm(x64, eps=1e-5)
+    assert float((y.double() - ref).abs().max()) < 1e-3
+    g = torch.randn(*shape)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gr,) = torch.autograd.grad(ref, x64, g.double())
+    assert float((gx.double() - gr).abs().max() / gr.abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize("affine", [True, False])

@@ -11,11 +11,12 @@ and GroupNorm with one channel per group. Per-layer timings of the n model's sha
 - smaller images, where each call's fixed cost dominates: GroupNorm through NCHW and back (the backward reuses the
   forward's NCHW copy of the input).
 
-Not used: torch's channels-last GroupNorm. Its forward is the fastest on maps of 1,024 pixels and more, but it
-computes the variance as E[x^2] - mean^2 in float32. Where an image's mean is large against its spread (a nearly
-flat image after the stem convolution) that loses most digits: at a mean of 50 standard deviations its output is
-1e-2 off in float32, BatchNorm's channels-last kernel 1e-4 (tests/test_instance_norm_cpu.py). Its backward is also
-9-19x slower than these in bfloat16.
+torch's channels-last GroupNorm is the fastest forward on maps of ``CL_MIN_HW`` pixels and more, but it computes
+the variance as E[x^2] - mean^2 in float32. Where an image's mean is large against its spread (a nearly flat image
+after the stem convolution) that loses digits: at a mean of 50 standard deviations its float32 output is 1e-2 off,
+BatchNorm's channels-last kernel 1e-4 (tests/test_instance_norm_cpu.py). So it serves bfloat16 input only, whose
+own rounding is larger, and only while no channel's mean exceeds ``CL_MAX_MEAN_OVER_STD`` standard deviations;
+otherwise the forward is recomputed per image. Its backward is 9-19x slower than the others in bfloat16: unused.
 
 Outputs and gradients keep the input's dtype and layout; mean and 1/std have the weight's dtype (float32 weights
 give float32 statistics, also for bfloat16 input).
@@ -25,6 +26,10 @@ from __future__ import annotations
 import torch
 
 PER_IMAGE_MIN_SIZE = 32768
+# bfloat16 forward on maps of CL_MIN_HW pixels and more: torch's channels-last GroupNorm, kept only while no image's
+# channel has a mean beyond CL_MAX_MEAN_OVER_STD standard deviations (else recomputed per image)
+CL_MIN_HW = 1024
+CL_MAX_MEAN_OVER_STD = 8.0
 _CL = torch.channels_last
 _BN_BACKWARD_OUT = torch.ops.aten.native_batch_norm_backward.out
 _ALL = [True, True, True]
@@ -40,6 +45,10 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """(N, C, H, W) channels-last -> (output like x, mean (N, C), rstd (N, C), x as the backward wants it: the NCHW
     copy on the NCHW path, whose backward is also NCHW, so that it is not made twice)."""
     n, c, h, w = x.shape
+    if x.dtype == torch.bfloat16 and h * w >= CL_MIN_HW:
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, h * w, c, eps)
+        if float((mean * rstd).abs().max()) <= CL_MAX_MEAN_OVER_STD:
+            return y, mean, rstd, x
     if kernel_path(c, h, w) == "per-image":
         y = torch.empty_like(x)
         mean, rstd = torch.empty(n, c, dtype=weight.dtype), torch.empty(n, c, dtype=weight.dtype)

@@ -74,12 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         retain_freed_memory()  # as train.py does on CPU (utils/memory.py)
     rounds = []
     for r in range(max(1, opt.rounds)):
-        order = opt.norms if r % 2 == 0 else opt.norms[::-1]
-        got = {n: train_throughput(n, opt.cfg, data_cfg, hyp, device, img=opt.img, batch_size=opt.batch_size,
-                                   epochs=opt.epochs, workers=opt.workers, max_batches=opt.max_batches,
-                                   amp=opt.amp, channels_last=channels_last_flag(opt.channels_last),
-                                   compile=opt.compile, fixed_batch=opt.fixed_batch) for n in order}
-        rounds.append([got[n] for n in opt.norms])
+        order = range(len(opt.norms)) if r % 2 == 0 else reversed(range(len(opt.norms)))
+        got = {i: train_throughput(opt.norms[i], opt.cfg, data_cfg, hyp, device, img=opt.img,
+                                   batch_size=opt.batch_size, epochs=opt.epochs, workers=opt.workers,
+                                   max_batches=opt.max_batches, amp=opt.amp,
+                                   channels_last=channels_last_flag(opt.channels_last), compile=opt.compile,
+                                   fixed_batch=opt.fixed_batch) for i in order}
+        rounds.append([got[i] for i in range(len(opt.norms))])
     _print_setting(opt, data_cfg, hyp, device, rounds[0])
     if len(rounds) == 1:
         _print_table(rounds[0])

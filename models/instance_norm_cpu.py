@@ -87,6 +87,7 @@ class _InstanceNormCPU(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # out= kernels: no double backward (torch's own op has one)
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])

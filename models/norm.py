@@ -179,8 +179,8 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     torch's instance_norm copies a channels-last input to NCHW and returns NCHW, which the next channels-last conv
     copies back. On CPU, channels-last input outside tracing and compiling therefore goes through
     models/instance_norm_cpu.py, which keeps the layout with torch's GroupNorm and BatchNorm kernels, chosen per map
-    size. Everything else (CUDA, NCHW, tracing for export) is torch's instance_norm, unless
-    models/norm_channels_last.py's kernel is switched on.
+    size. Everything else (CUDA, NCHW, running statistics, tracing for export, torch.compile) is torch's
+    instance_norm, unless models/norm_channels_last.py's kernel is switched on.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

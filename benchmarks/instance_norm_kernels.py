@@ -3,11 +3,13 @@
     python benchmarks/instance_norm_kernels.py                      # n model, 320 px, batch 16, bfloat16
     python benchmarks/instance_norm_kernels.py --dtype float32 --img 640 --batch-size 8
 
-For every distinct IN input shape of the model, ms per call of each candidate: the forward by torch's channels-last
-GroupNorm (one channel per group), by BatchNorm one image at a time, and by GroupNorm through NCHW and back; the
-backward by BatchNorm one image at a time, by GroupNorm's NCHW backward (conversions included) and by torch's
-channels-last GroupNorm backward. The last column is what the module picks, forward and backward; it never picks
-the channels-last GroupNorm (float32 E[x^2] - mean^2 variance: see models/instance_norm_cpu.py). Run it on a quiet machine; re-tune PER_IMAGE_MIN_SIZE from it.
+For every distinct IN input shape of the model, ms per call of each candidate of models/instance_norm_cpu.py: the
+forward by torch's channels-last GroupNorm (one channel per group), by BatchNorm one image at a time, and by
+GroupNorm through NCHW and back; the backward by BatchNorm one image at a time, by GroupNorm's NCHW backward (the
+gradient's conversions included; the input's NCHW copy comes from the forward) and by torch's channels-last
+GroupNorm backward. The last column is the module's per-image / NCHW choice (``kernel_path``); the channels-last
+forward also serves bfloat16 maps of ``CL_MIN_HW`` pixels and more, within its precision guard. Run it on a quiet
+machine; re-tune the thresholds from it.
 """
 from __future__ import annotations
 
@@ -56,38 +58,23 @@ def model_shapes(cfg: str, img: int, batch: int) -> Counter:
 
 
 def candidates(x: torch.Tensor, dy: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """The candidate kernels for one (N, C, H, W) channels-last input x and incoming gradient dy."""
+    """The candidate kernels of models/instance_norm_cpu.py for one (N, C, H, W) channels-last input x and incoming
+    gradient dy, each with the layout conversions its path makes."""
+    from models.instance_norm_cpu import (backward_nchw, backward_per_image, forward_channels_last, forward_nchw,
+                                          forward_per_image)
+
     n, c, h, w = x.shape
     weight, bias = torch.rand(c) + 0.5, torch.randn(c)
-    _, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, h * w, c, 1e-5)
-
-    def fwd_per_image() -> None:
-        y, m, r = torch.empty_like(x), torch.empty(n, c), torch.empty(n, c)
-        for xi, yi, mi, ri in zip(x.split(1), y.split(1), m.unbind(0), r.unbind(0)):
-            torch.native_batch_norm(xi, weight, bias, None, None, True, 0.0, 1e-5, out=(yi, mi, ri))
-
-    def bwd_per_image() -> None:
-        dx, dw, db = torch.empty_like(x), torch.empty(n, c), torch.empty(n, c)
-        for args in zip(dy.split(1), x.split(1), mean.unbind(0), rstd.unbind(0), dx.split(1), dw.unbind(0),
-                        db.unbind(0)):
-            dyi, xi, mi, ri, dxi, dwi, dbi = args
-            torch.ops.aten.native_batch_norm_backward.out(dyi, xi, weight, None, None, mi, ri, True, 1e-5,
-                                                          [True, True, True], out0=dxi, out1=dwi, out2=dbi)
-
-    def bwd_nchw() -> None:
-        dx = torch.ops.aten.native_group_norm_backward(dy.contiguous(), x.contiguous(), mean, rstd, weight, n, c,
-                                                       h * w, c, [True, True, True])[0]
-        dx.contiguous(memory_format=CL)
-
+    _, mean, rstd = forward_per_image(x, weight, bias, 1e-5)
+    every, xc = [True, True, True], x.contiguous()  # the NCHW backward reuses the forward's NCHW copy
     return {
-        "fwd channels-last": lambda: torch.native_group_norm(x, weight, bias, n, c, h * w, c, 1e-5),
-        "fwd per-image": fwd_per_image,
-        "fwd nchw": lambda: torch.native_group_norm(x.contiguous(), weight, bias, n, c, h * w, c, 1e-5)[0]
-        .contiguous(memory_format=CL),
-        "bwd per-image": bwd_per_image,
-        "bwd nchw": bwd_nchw,
+        "fwd channels-last": lambda: forward_channels_last(x, weight, bias, 1e-5),
+        "fwd per-image": lambda: forward_per_image(x, weight, bias, 1e-5),
+        "fwd nchw": lambda: forward_nchw(x.contiguous(), weight, bias, 1e-5),
+        "bwd per-image": lambda: backward_per_image(dy, x, weight, mean, rstd, 1e-5),
+        "bwd nchw": lambda: backward_nchw(dy, xc, weight, mean, rstd, every),
         "bwd channels-last": lambda: torch.ops.aten.native_group_norm_backward(dy, x, mean, rstd, weight, n, c, h * w,
-                                                                               c, [True, True, True]),
+                                                                               c, every),
     }
 
 

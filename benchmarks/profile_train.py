@@ -138,8 +138,8 @@ def _report(setting: str, total: dict[str, float], n: int, batch: int, prof: Any
         print(f"| {k} | {1000 * total[k] / n:.1f} | {100 * total[k] / step:.1f} % |")
     if prof is not None:
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
-        print(prof.key_averages(group_by_input_shape=by_shape).table(sort_by=key, row_limit=top,
-                                                                   max_name_column_width=40, max_shapes_column_width=60))
+        table = prof.key_averages(group_by_input_shape=by_shape)
+        print(table.table(sort_by=key, row_limit=top, max_name_column_width=40, max_shapes_column_width=60))
 
 
 def _forever(loader):

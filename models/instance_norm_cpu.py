@@ -40,42 +40,79 @@ def kernel_path(c: int, h: int, w: int) -> str:
     return "per-image" if c * h * w >= PER_IMAGE_MIN_SIZE else "nchw"
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-             eps: float) -> tuple[torch.Tensor, ...]:
-    """(N, C, H, W) channels-last -> (output like x, mean (N, C), rstd (N, C), x as the backward wants it: the NCHW
-    copy on the NCHW path, whose backward is also NCHW, so that it is not made twice)."""
-    n, c, h, w = x.shape
-    if x.dtype == torch.bfloat16 and h * w >= CL_MIN_HW:
-        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, h * w, c, eps)
-        if float((mean * rstd).abs().max()) <= CL_MAX_MEAN_OVER_STD:
-            return y, mean, rstd, x
-    if kernel_path(c, h, w) == "per-image":
-        y = torch.empty_like(x)
-        mean, rstd = torch.empty(n, c, dtype=weight.dtype), torch.empty(n, c, dtype=weight.dtype)
-        for xi, yi, mi, ri in zip(x.split(1), y.split(1), mean.unbind(0), rstd.unbind(0)):
-            torch.native_batch_norm(xi, weight, bias, None, None, True, 0.0, eps, out=(yi, mi, ri))
-        return y, mean, rstd, x
-    xc = x.contiguous()
+def forward_per_image(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchNorm one image at a time, into one output: (N, C, H, W) channels-last -> (y like x, mean, rstd (N, C))."""
+    n, c = x.shape[:2]
+    y = torch.empty_like(x)
+    mean, rstd = torch.empty(n, c, dtype=weight.dtype), torch.empty(n, c, dtype=weight.dtype)
+    for xi, yi, mi, ri in zip(x.split(1), y.split(1), mean.unbind(0), rstd.unbind(0)):
+        torch.native_batch_norm(xi, weight, bias, None, None, True, 0.0, eps, out=(yi, mi, ri))
+    return y, mean, rstd
+
+
+def forward_nchw(xc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupNorm, one channel per group, of the NCHW copy xc -> (y channels-last, mean, rstd (N, C))."""
+    n, c, h, w = xc.shape
     y, mean, rstd = torch.native_group_norm(xc, weight, bias, n, c, h * w, c, eps)
-    return y.contiguous(memory_format=_CL), mean, rstd, xc
+    return y.contiguous(memory_format=_CL), mean, rstd
 
 
-def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-              eps: float, mask: list[bool]) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of x (N, C, H, W), weight (C,) and bias (C,) for the outputs ``mask`` asks for; x is the forward's
-    channels-last input, or its NCHW copy where the backward path is NCHW."""
+def forward_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch's channels-last GroupNorm, one channel per group (float32 E[x^2] - mean^2 variance: see above)."""
     n, c, h, w = x.shape
-    if kernel_path(c, h, w) == "nchw":
-        dx, dw, db = torch.ops.aten.native_group_norm_backward(dy.contiguous(), x.contiguous(), mean, rstd, weight,
-                                                               n, c, h * w, c, mask)
-        return (dx.contiguous(memory_format=_CL) if dx is not None else None), dw, db
+    return torch.native_group_norm(x, weight, bias, n, c, h * w, c, eps)
+
+
+def backward_per_image(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                       rstd: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchNorm's backward one image at a time from the per-image mean / rstd (N, C): (dx like x, dweight,
+    dbias (C,))."""
+    n, c = x.shape[:2]
     dy = dy.contiguous(memory_format=_CL)
     dx = torch.empty_like(x)
     dw, db = torch.empty(n, c, dtype=weight.dtype), torch.empty(n, c, dtype=weight.dtype)
     per_image = zip(dy.split(1), x.split(1), mean.unbind(0), rstd.unbind(0), dx.split(1), dw.unbind(0), db.unbind(0))
     for dyi, xi, mi, ri, dxi, dwi, dbi in per_image:  # out= fills all three outputs (a masked one would be resized)
         _BN_BACKWARD_OUT(dyi, xi, weight, None, None, mi, ri, True, eps, _ALL, out0=dxi, out1=dwi, out2=dbi)
-    return (dx if mask[0] else None), (dw.sum(0) if mask[1] else None), (db.sum(0) if mask[2] else None)
+    return dx, dw.sum(0), db.sum(0)
+
+
+def backward_nchw(dy: torch.Tensor, xc: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                  mask: list[bool]) -> tuple[torch.Tensor | None, ...]:
+    """GroupNorm's NCHW backward from the input's NCHW copy xc: (dx channels-last, dweight, dbias), None where
+    ``mask`` is False."""
+    n, c, h, w = xc.shape
+    dx, dw, db = torch.ops.aten.native_group_norm_backward(dy.contiguous(), xc.contiguous(), mean, rstd, weight,
+                                                           n, c, h * w, c, mask)
+    return (dx.contiguous(memory_format=_CL) if dx is not None else None), dw, db
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, ...]:
+    """(N, C, H, W) channels-last -> (output like x, mean (N, C), rstd (N, C), x as the backward wants it: the NCHW
+    copy on the NCHW path, whose backward is also NCHW, so that it is not made twice)."""
+    c, h, w = x.shape[1:]
+    if x.dtype == torch.bfloat16 and h * w >= CL_MIN_HW:
+        y, mean, rstd = forward_channels_last(x, weight, bias, eps)
+        if float((mean * rstd).abs().max()) <= CL_MAX_MEAN_OVER_STD:
+            return y, mean, rstd, x
+    if kernel_path(c, h, w) == "per-image":
+        return (*forward_per_image(x, weight, bias, eps), x)
+    xc = x.contiguous()
+    return (*forward_nchw(xc, weight, bias, eps), xc)
+
+
+def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+              eps: float, mask: list[bool]) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of x (N, C, H, W), weight (C,) and bias (C,) for the outputs ``mask`` asks for; x is the forward's
+    channels-last input, or its NCHW copy where the backward path is NCHW."""
+    if kernel_path(*x.shape[1:]) == "nchw":
+        return backward_nchw(dy, x, weight, mean, rstd, mask)
+    dx, dw, db = backward_per_image(dy, x, weight, mean, rstd, eps)
+    return (dx if mask[0] else None), (dw if mask[1] else None), (db if mask[2] else None)
 
 
 class _InstanceNormCPU(torch.autograd.Function):

@@ -186,8 +186,7 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_channels_last_kernel(x):
             return group_norm_channels_last(x, x.shape[1], self.weight, self.bias, self.eps)
-        if (x.device.type == "cpu" and is_channels_last_eager(x) and not self.track_running_stats
-                and not torch.compiler.is_compiling()):
+        if x.device.type == "cpu" and is_channels_last_eager(x) and not self.track_running_stats:
             return instance_norm_cpu(x, self.weight, self.bias, self.eps)
         return super().forward(x)
 

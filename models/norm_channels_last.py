@@ -37,14 +37,14 @@ def group_norm_kernel() -> str:
 
 
 def is_channels_last_eager(x: torch.Tensor) -> bool:
-    """A channels-last (N, C, H, W) tensor outside tracing (which export uses, and which must see torch's ops)."""
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not torch.jit.is_tracing()
+    """A channels-last (N, C, H, W) tensor outside tracing and compiling (export and inductor must see torch's ops)."""
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling())
 
 
 def use_channels_last_kernel(x: torch.Tensor) -> bool:
-    """True when ``x`` should go through ``group_norm_channels_last`` (not while tracing or compiling: export and
-    inductor see torch's op)."""
-    return _kernel == "channels-last" and is_channels_last_eager(x) and not torch.compiler.is_compiling()
+    """True when ``x`` should go through ``group_norm_channels_last``."""
+    return _kernel == "channels-last" and is_channels_last_eager(x)
 
 
 def _group_sum(t: torch.Tensor, groups: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ the variance as E[x^2] - mean^2 in float32. Where an image's mean is large again
 after the stem convolution) that loses digits: at a mean of 50 standard deviations its float32 output is 1e-2 off,
 BatchNorm's channels-last kernel 1e-4 (tests/test_instance_norm_cpu.py). So it serves bfloat16 input only, whose
 own rounding is larger, and only while no channel's mean exceeds ``CL_MAX_MEAN_OVER_STD`` standard deviations;
-otherwise the forward is recomputed per image. Its backward is 9-19x slower than the others in bfloat16: unused.
+otherwise the forward is recomputed per image. Its backward is 10-20x slower than the others in bfloat16: unused.
 
 Outputs and gradients keep the input's dtype and layout; mean and 1/std have the weight's dtype (float32 weights
 give float32 statistics, also for bfloat16 input).

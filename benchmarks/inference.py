@@ -8,7 +8,8 @@ Models are built with random weights (speed does not depend on the values). Timi
 then repeated passes until at least ``--min-images`` images went through, under torch.inference_mode() with
 ``--threads`` intra-op threads; the median pass gives ms/image. Both memory formats are timed; the ``best`` column
 says which one the scripts should use (val.py / detect.py use channels_last on CPU because it wins here).
-With onnxruntime installed, each fused model is also exported to ONNX (static shape, as export.py writes it) and run
+GN / LN / IN layers run models/norm_act_cpu.py's fused kernel on CPU unless ``NORMYOLO_CPU_KERNELS=0`` (the
+first line says which). With onnxruntime installed, each fused model is also exported to ONNX (static shape, as export.py writes it) and run
 by ONNX Runtime with the same number of threads, through the backend val.py / detect.py use: the ``ort`` column and
 its ratio to torch's best memory format. On CPU the process keeps freed memory (utils/memory.py), as val.py and
 detect.py do; ``--no-retain-memory`` times glibc's default instead.
@@ -96,6 +97,11 @@ def main(opt: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     rows = []
     print(f"torch {torch.__version__}, {opt.threads} threads, device {device}, cfg {Path(opt.cfg).name}")
+    if device.type == "cpu" and any(not n.lower().startswith("bn") for n in opt.norms):
+        from models.norm_act_cpu import load_kernel
+
+        on = load_kernel() is not None  # built here, not inside the first timed setting
+        print(f"fused CPU norm + activation kernel (models/norm_act_cpu.py): {'on' if on else 'off'}")
     ort = not opt.no_ort and importlib.util.find_spec("onnxruntime") is not None
     header = f"{'norm':<9}{'fused':<7}{'img':>5}{'batch':>7}{'contiguous':>12}{'channels_last':>15}{'best':>15}"
     header += f"{'ort':>9}{'ort/torch':>11}" if ort else ""

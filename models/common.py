@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from models.norm import NormBuilder, fuse_conv_and_norm, is_fusible_norm, make_norm_builder
+from models.norm_act_cpu import norm_act
 from utils.general import ConfigError
 
 _ACTIVATIONS = {
@@ -81,7 +82,12 @@ class Conv(nn.Module):
         self.act = make_act(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
+        y = self.conv(x)
+        if not isinstance(self.norm, nn.Identity):  # GN / LN / IN inference on CPU: one fused kernel (norm_act_cpu)
+            fused = norm_act(y, self.norm, self.act, inplace=True)  # y is this call's own temporary
+            if fused is not None:
+                return fused
+        return self.act(self.norm(y))
 
     def fuse(self) -> bool:
         """Fold a BN-family norm into the conv; returns True when something was fused."""

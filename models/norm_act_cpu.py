@@ -5,7 +5,7 @@ each of them as two ops: the norm (a statistics pass and a scale-and-shift pass)
 read and write of the map). ``csrc/norm_act_cpu.cpp`` does norm + activation in one kernel, one image at a time
 while it is in cache (``benchmarks/inference.py`` measures the gain). It serves ``models.common.Conv`` when nothing
 needs gradients and the map is a channels-last float32 CPU tensor outside tracing and compiling; every other case
-(training, bfloat16, CUDA, export, SiLU) runs torch's ops as before.
+(training, bfloat16, CUDA, export, SiLU, modules with forward hooks) runs torch's ops as before.
 
 The kernel is compiled with torch.utils.cpp_extension the first time an eligible layer runs (about 25 s on 2 cores;
 a C++ compiler and ninja are needed) and cached under torch's extension directory (``TORCH_EXTENSIONS_DIR``,
@@ -13,20 +13,23 @@ default ``~/.cache/torch_extensions``), keyed by its source, torch's version and
 If the build fails, one warning says why and the process keeps torch's ops. ``NORMYOLO_CPU_KERNELS=0`` turns it
 off (read at the first eligible call).
 
-Statistics: GroupNorm and LayerNorm take E[x^2] - mean^2 as torch's channels-last GroupNorm does (with double
-totals); InstanceNorm sums squared deviations from the mean, as torch's InstanceNorm does, since one channel's map
-can be nearly flat. Outputs match torch's ops to float32 rounding (tests/test_norm_act_cpu.py).
+Statistics take one pass: each channel is summed shifted by its value at the image's first pixel and the channels
+combine into their group in double, so a nearly flat map (mean far from zero against its spread) keeps its digits,
+where torch's channels-last GroupNorm (E[x^2] - mean^2 in float32) loses them. Outputs match torch's ops to float32
+rounding (tests/test_norm_act_cpu.py).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as _nn_module
 
 from utils.general import LOGGER
 
@@ -35,10 +38,11 @@ _state: dict[str, ModuleType | None] = {}  # "kernel": the built module, or None
 
 
 def _cpu_flags() -> str:
-    """The CPU's instruction-set flags (the build uses -march=native, so a cached build must match the CPU)."""
+    """The CPU's instruction-set flags (the build uses -march=native, so a cached build must match the CPU):
+    /proc/cpuinfo's 'flags' (x86) or 'Features' (ARM) line, else the platform's processor name."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):
                 return line
     except OSError:
         pass
@@ -48,8 +52,10 @@ def _cpu_flags() -> str:
 
 
 def build_name() -> str:
-    """Extension name: one per (source, torch version, CPU flags), so no stale or foreign build is loaded."""
-    h = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()
+    """Extension name: one per (source, torch and Python version, CPU flags), so no stale or foreign build is
+    loaded (with TORCH_EXTENSIONS_DIR set, torch keeps no per-Python subfolder)."""
+    key = SOURCE.read_bytes() + f"{torch.__version__}|{sys.version}|{_cpu_flags()}".encode()
+    h = hashlib.sha256(key).hexdigest()
     return f"normyolo_norm_act_cpu_{h[:16]}"
 
 
@@ -65,6 +71,13 @@ def _import_cpp_extension_load():
     return load
 
 
+def _reason(e: Exception) -> str:
+    """One line of a build error: the compiler's first 'error:' line if there is one, else the last line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln]
+    return (errors or lines or [repr(e)])[0 if errors else -1]
+
+
 def load_kernel() -> ModuleType | None:
     """The compiled kernel module, building it on the first call; None if disabled or the build failed."""
     if "kernel" in _state:
@@ -73,13 +86,13 @@ def load_kernel() -> ModuleType | None:
     if os.environ.get("NORMYOLO_CPU_KERNELS", "1") != "0":
         try:
             load = _import_cpp_extension_load()
-            LOGGER.info("norm_act_cpu: loading the fused CPU GroupNorm + activation kernel (built once per machine, "
-                        "about 30 s)")
+            LOGGER.info("norm_act_cpu: loading the fused CPU norm + activation kernel (its first build on a machine "
+                        "takes about 25 s)")
             kernel = load(build_name(), [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                           verbose=False)
         except Exception as e:  # no compiler / ninja, or a platform the flags do not suit: torch's ops instead
             LOGGER.warning(f"norm_act_cpu: kernel build failed, using torch's ops ({type(e).__name__}: "
-                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else e})")
+                           f"{_reason(e)})")
     _state["kernel"] = kernel
     return kernel
 
@@ -95,13 +108,24 @@ def _slope(act: nn.Module) -> float | None:
     return None
 
 
-def _groups(norm: nn.Module, channels: int) -> tuple[int, bool] | None:
-    """(groups, two_pass) for the norms the kernel covers, else None."""
+def _groups(norm: nn.Module, channels: int) -> int | None:
+    """The group count for the norms the kernel covers (GroupNorm and LayerNorm: theirs, InstanceNorm without
+    running statistics: one per channel), else None."""
     if isinstance(norm, nn.GroupNorm):
-        return norm.num_groups, False
+        return norm.num_groups
     if isinstance(norm, nn.InstanceNorm2d) and not norm.track_running_stats:
-        return channels, True
+        return channels
     return None
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether ``m`` has forward hooks or pre-hooks of its own, or any module-wide ones are registered."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or has_global_hooks())
+
+
+def has_global_hooks() -> bool:
+    """Whether module-wide forward hooks or pre-hooks are registered (register_module_forward_hook)."""
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
 
 
 def norm_act(x: torch.Tensor, norm: nn.Module, act: nn.Module, inplace: bool = False) -> torch.Tensor | None:
@@ -112,11 +136,13 @@ def norm_act(x: torch.Tensor, norm: nn.Module, act: nn.Module, inplace: bool = F
             or not x.is_contiguous(memory_format=torch.channels_last) or torch.jit.is_tracing()
             or torch.compiler.is_compiling()):
         return None
-    spec, slope = _groups(norm, x.shape[1]), _slope(act)
-    if spec is None or slope is None:
+    groups, slope = _groups(norm, x.shape[1]), _slope(act)
+    if groups is None or slope is None:
+        return None
+    if _hooked(norm) or _hooked(act):  # hooks expect the modules to run
         return None
     weight, bias = norm.weight, norm.bias
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in (weight, bias))):
         return None
     kernel = load_kernel()
     if kernel is None:
@@ -127,4 +153,4 @@ def norm_act(x: torch.Tensor, norm: nn.Module, act: nn.Module, inplace: bool = F
     if (weight.dtype != torch.float32 or bias.dtype != torch.float32 or not weight.is_contiguous()
             or not bias.is_contiguous()):
         return None
-    return kernel.group_norm_leaky(x, weight, bias, spec[0], norm.eps, slope, spec[1], inplace)
+    return kernel.group_norm_leaky(x, weight, bias, groups, norm.eps, slope, inplace)

@@ -3,16 +3,19 @@
     python benchmarks/inference.py                      # the full table (BN, GN, LN, IN x 320/640 x batch 1/32)
     python benchmarks/inference.py --norms bn --sizes 320 --batches 32 --fused-only
     python benchmarks/inference.py --norms bn gn --sizes 320 --batches 1 32 --fused-only --threads 1   # + ORT
+    python benchmarks/inference.py --norms bn gn:C/16 ln in --sizes 320 --batches 1 32 --fused-only --rounds 2
 
-Models are built with random weights (speed does not depend on the values). Timing: ``--warmup`` untimed passes,
+Models are built with random weights (speed does not depend on the values). An untimed setting runs first (the
+first model timed in a process runs faster than the rest); ``--rounds R`` repeats the norms in ABBA order and prints
+each norm's per-round ratio to the first norm and the median. Timing: ``--warmup`` untimed passes,
 then repeated passes until at least ``--min-images`` images went through, under torch.inference_mode() with
 ``--threads`` intra-op threads; the median pass gives ms/image. Both memory formats are timed; the ``best`` column
 says which one the scripts should use (val.py / detect.py use channels_last on CPU because it wins here).
 GN / LN / IN layers run models/norm_act_cpu.py's fused kernel on CPU unless ``NORMYOLO_CPU_KERNELS=0`` (the
-first line says which). With onnxruntime installed, each fused model is also exported to ONNX (static shape, as export.py writes it) and run
-by ONNX Runtime with the same number of threads, through the backend val.py / detect.py use: the ``ort`` column and
-its ratio to torch's best memory format. On CPU the process keeps freed memory (utils/memory.py), as val.py and
-detect.py do; ``--no-retain-memory`` times glibc's default instead.
+second line says which). With onnxruntime installed, each fused model is also exported to ONNX (static shape, as
+export.py writes it) and run by ONNX Runtime with the same number of threads, through the backend val.py /
+detect.py use: the ``ort`` column and its ratio to torch's best memory format. On CPU the process keeps freed
+memory (utils/memory.py), as val.py and detect.py do; ``--no-retain-memory`` times glibc's default instead.
 """
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-retain-memory", action="store_true",
                    help="leave glibc's malloc as it is (val.py / detect.py keep freed memory on CPU: utils/memory.py)")
     p.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime column")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every norm R times, every other round in reverse order; prints each norm's ratio to "
+                        "the first norm (fused, best memory format) per round and the median")
     return p.parse_args(argv)
 
 
@@ -85,8 +91,71 @@ def max_fuse_error(model: torch.nn.Module, fused: torch.nn.Module, size: int = 3
     return float((a[..., 4:] - b[..., 4:]).abs().max()), float((a[..., :4] - b[..., :4]).abs().max() / size)
 
 
-def main(opt: argparse.Namespace) -> list[dict]:
+def time_norm(opt: argparse.Namespace, norm: str, device: torch.device, ort: bool) -> list[dict]:
+    """Time one norm's model (fused, and unfused unless --fused-only) at every size / batch; prints its rows."""
     from models.yolo import Model
+
+    rows = []
+    base = Model(opt.cfg, norm=norm).to(device).eval()
+    # a random BN model has running stats 0 / 1; perturb them so fusing actually changes the numbers
+    for m in base.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    variants = [(True, copy.deepcopy(base).fuse())]
+    if not opt.fused_only:
+        variants.insert(0, (False, base))
+    err = max_fuse_error(base, variants[-1][1])
+    for fused, model in variants:
+        for size in opt.sizes:
+            for bs in opt.batches:
+                x = torch.rand(bs, 3, size, size, device=device)
+                iters = max(opt.min_iters, -(-opt.min_images // bs))
+                ms_c = time_model(model, x, opt.warmup, iters)
+                m_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+                ms_cl = time_model(m_cl, x.contiguous(memory_format=torch.channels_last), opt.warmup, iters)
+                best = "channels_last" if ms_cl < ms_c else "contiguous"
+                ms_ort = time_ort(model, x, opt.threads, opt.warmup, iters) if ort and fused else None
+                rows.append({"norm": norm, "fused": fused, "img": size, "batch": bs, "contiguous_ms": ms_c,
+                             "channels_last_ms": ms_cl, "best": best, "fuse_error": err, "ort_ms": ms_ort})
+                line = f"{norm:<9}{str(fused):<7}{size:>5}{bs:>7}{ms_c:>12.2f}{ms_cl:>15.2f}{best:>15}"
+                if ms_ort is not None:
+                    line += f"{ms_ort:>9.2f}{ms_ort / min(ms_c, ms_cl):>11.2f}"
+                print(line, flush=True)
+    print(f"{norm:<9}fused vs unfused max |diff|: scores {err[0]:.1e}, boxes {err[1]:.1e} (fraction of image size)")
+    return rows
+
+
+def warm_up(opt: argparse.Namespace, device: torch.device) -> None:
+    """One untimed setting of the first norm first: in one process (freed memory kept), the first of four identical
+    fused BN settings measured 10.70 ms per image at batch 1 and the next three 11.80-12.20, which favoured
+    whichever norm came first (BN in the default order)."""
+    from models.yolo import Model
+
+    model = copy.deepcopy(Model(opt.cfg, norm=opt.norms[0]).to(device).eval()).fuse()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.rand(opt.batches[0], 3, opt.sizes[0], opt.sizes[0], device=device)
+    time_model(model, x.contiguous(memory_format=torch.channels_last), opt.warmup, opt.min_iters)
+
+
+def round_ratios(rows: list[dict], norms: list[str]) -> dict[tuple[str, int, int], list[float]]:
+    """Per (norm, size, batch): each round's fused best-format ms/image over the first norm's in the same round."""
+    best = {(r["round"], r["norm"], r["img"], r["batch"]): min(r["contiguous_ms"], r["channels_last_ms"])
+            for r in rows if r["fused"]}
+    out: dict[tuple[str, int, int], list[float]] = {}
+    for (rnd, norm, img, bs), ms in sorted(best.items()):
+        out.setdefault((norm, img, bs), []).append(ms / best[(rnd, norms[0], img, bs)])
+    return out
+
+
+def print_round_ratios(rows: list[dict], norms: list[str]) -> None:
+    print(f"fused, best memory format, ms/image vs {norms[0]} of the same round:")
+    for (norm, img, bs), ratios in round_ratios(rows, norms).items():
+        print(f"{norm:<9}{img:>5}{bs:>7}   {' / '.join(f'{v:.3f}' for v in ratios)}   median "
+              f"{statistics.median(ratios):.3f}")
+
+
+def main(opt: argparse.Namespace) -> list[dict]:
     from utils.general import select_device
     from utils.memory import retain_freed_memory
 
@@ -106,34 +175,15 @@ def main(opt: argparse.Namespace) -> list[dict]:
     header = f"{'norm':<9}{'fused':<7}{'img':>5}{'batch':>7}{'contiguous':>12}{'channels_last':>15}{'best':>15}"
     header += f"{'ort':>9}{'ort/torch':>11}" if ort else ""
     print(header + "   (ms/image)")
-    for norm in opt.norms:
-        base = Model(opt.cfg, norm=norm).to(device).eval()
-        # a random BN model has running stats 0 / 1; perturb them so fusing actually changes the numbers
-        for m in base.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-        variants = [(True, copy.deepcopy(base).fuse())]
-        if not opt.fused_only:
-            variants.insert(0, (False, base))
-        err = max_fuse_error(base, variants[-1][1])
-        for fused, model in variants:
-            for size in opt.sizes:
-                for bs in opt.batches:
-                    x = torch.rand(bs, 3, size, size, device=device)
-                    iters = max(opt.min_iters, -(-opt.min_images // bs))
-                    ms_c = time_model(model, x, opt.warmup, iters)
-                    m_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-                    ms_cl = time_model(m_cl, x.contiguous(memory_format=torch.channels_last), opt.warmup, iters)
-                    best = "channels_last" if ms_cl < ms_c else "contiguous"
-                    ms_ort = time_ort(model, x, opt.threads, opt.warmup, iters) if ort and fused else None
-                    rows.append({"norm": norm, "fused": fused, "img": size, "batch": bs, "contiguous_ms": ms_c,
-                                 "channels_last_ms": ms_cl, "best": best, "fuse_error": err, "ort_ms": ms_ort})
-                    line = f"{norm:<9}{str(fused):<7}{size:>5}{bs:>7}{ms_c:>12.2f}{ms_cl:>15.2f}{best:>15}"
-                    if ms_ort is not None:
-                        line += f"{ms_ort:>9.2f}{ms_ort / min(ms_c, ms_cl):>11.2f}"
-                    print(line, flush=True)
-        print(f"{norm:<9}fused vs unfused max |diff|: scores {err[0]:.1e}, boxes {err[1]:.1e} (fraction of image size)")
+    warm_up(opt, device)
+    for r in range(opt.rounds):
+        order = opt.norms if r % 2 == 0 else opt.norms[::-1]
+        if opt.rounds > 1:
+            print(f"round {r + 1} of {opt.rounds}: {' '.join(order)}")
+        for norm in order:
+            rows += [{**row, "round": r} for row in time_norm(opt, norm, device, ort)]
+    if opt.rounds > 1:
+        print_round_ratios(rows, opt.norms)
     return rows
 
 

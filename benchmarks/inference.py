@@ -132,8 +132,7 @@ def warm_up(opt: argparse.Namespace, device: torch.device) -> None:
     whichever norm came first (BN in the default order)."""
     from models.yolo import Model
 
-    model = copy.deepcopy(Model(opt.cfg, norm=opt.norms[0]).to(device).eval()).fuse()
-    model = model.to(memory_format=torch.channels_last)
+    model = Model(opt.cfg, norm=opt.norms[0]).to(device).eval().fuse().to(memory_format=torch.channels_last)
     x = torch.rand(opt.batches[0], 3, opt.sizes[0], opt.sizes[0], device=device)
     time_model(model, x.contiguous(memory_format=torch.channels_last), opt.warmup, opt.min_iters)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from models.norm import NormBuilder, fuse_conv_and_norm, is_fusible_norm, make_norm_builder
-from models.norm_act_cpu import has_global_hooks, norm_act
+from models.norm_act_cpu import norm_act
 from utils.general import ConfigError
 
 _ACTIVATIONS = {
@@ -84,8 +84,8 @@ class Conv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         if not isinstance(self.norm, nn.Identity):  # GN / LN / IN inference on CPU: one fused kernel (norm_act_cpu)
-            # y is this call's own temporary unless a hook on the conv kept it
-            fused = norm_act(y, self.norm, self.act, inplace=not (self.conv._forward_hooks or has_global_hooks()))
+            # y is this call's own temporary unless a hook on the conv kept it (module-wide hooks: norm_act declines)
+            fused = norm_act(y, self.norm, self.act, inplace=not self.conv._forward_hooks)
             if fused is not None:
                 return fused
         return self.act(self.norm(y))

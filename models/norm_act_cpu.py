@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules import module as _nn_module
 
+from models.norm_channels_last import is_channels_last_eager
 from utils.general import LOGGER
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "norm_act_cpu.cpp"
@@ -120,10 +121,10 @@ def _groups(norm: nn.Module, channels: int) -> int | None:
 
 def _hooked(m: nn.Module) -> bool:
     """Whether ``m`` has forward hooks or pre-hooks of its own, or any module-wide ones are registered."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or has_global_hooks())
+    return bool(m._forward_hooks or m._forward_pre_hooks or _global_hooks())
 
 
-def has_global_hooks() -> bool:
+def _global_hooks() -> bool:
     """Whether module-wide forward hooks or pre-hooks are registered (register_module_forward_hook)."""
     return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
 
@@ -132,9 +133,7 @@ def norm_act(x: torch.Tensor, norm: nn.Module, act: nn.Module, inplace: bool = F
     """act(norm(x)) of a conv output x (N, C, H, W) by the fused kernel, or None where it does not apply (the caller
     then runs torch's ops). ``inplace``: write into x (a temporary nobody else holds), which also spares a fresh
     output buffer's cache misses."""
-    if (not x.is_cpu or x.dtype != torch.float32 or x.dim() != 4
-            or not x.is_contiguous(memory_format=torch.channels_last) or torch.jit.is_tracing()
-            or torch.compiler.is_compiling()):
+    if not x.is_cpu or x.dtype != torch.float32 or not is_channels_last_eager(x):
         return None
     groups, slope = _groups(norm, x.shape[1]), _slope(act)
     if groups is None or slope is None:

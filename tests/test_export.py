@@ -87,8 +87,10 @@ def test_round_trip_per_norm(tmp_path: Path, norm: str, kept_op: str | None) -> 
         out = backend(x)
         assert out.shape == ref.shape == (1, 3 * (8 * 8 + 4 * 4 + 2 * 2), 15)
         assert max_abs_diff(out[..., 4:], ref[..., 4:]) < 1e-3  # scores, every norm
-        if norm == "in":  # the file is about as far from float64 as PyTorch float32 is
-            assert own > CHECK_ATOL and max_abs_diff(out, exact, 64) <= 3 * own, (suffix, own)
+        if norm == "in":  # the file is about as far from float64 as PyTorch float32 is: within an order of
+            # magnitude, since ONNX Runtime's InstanceNorm kernel rounds differently per CPU (3.0x PyTorch's own
+            # error on an AVX2 EPYC, below 3x on AVX-512 machines); a wrong graph is off by far more
+            assert own > CHECK_ATOL and max_abs_diff(out, exact, 64) <= 10 * own, (suffix, own)
         else:  # boxes in units of the input size, as export.py checks them; and in pixels
             assert max_abs_diff(out, ref, 64) < CHECK_ATOL and max_abs_diff(out, ref) < 0.01, suffix
     assert load_backend(tmp_path / "best.onnx", CPU).fixed_shape == (64, 64)

@@ -35,6 +35,8 @@ from models.norm_channels_last import is_channels_last_eager
 from utils.general import LOGGER
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "norm_act_cpu.cpp"
+# -fno-trapping-math (as torch's own build): GCC otherwise keeps a float compare-and-select a branch, unvectorised
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
 _state: dict[str, ModuleType | None] = {}  # "kernel": the built module, or None once disabled / failed
 
 
@@ -52,12 +54,12 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_name() -> str:
-    """Extension name: one per (source, torch and Python version, CPU flags), so no stale or foreign build is
-    loaded (with TORCH_EXTENSIONS_DIR set, torch keeps no per-Python subfolder)."""
-    key = SOURCE.read_bytes() + f"{torch.__version__}|{sys.version}|{_cpu_flags()}".encode()
+def build_name(source: Path = SOURCE) -> str:
+    """Extension name of ``source``: one per (source, torch and Python version, CPU flags), so no stale or foreign
+    build is loaded (with TORCH_EXTENSIONS_DIR set, torch keeps no per-Python subfolder)."""
+    key = source.read_bytes() + f"{torch.__version__}|{sys.version}|{_cpu_flags()}|{CFLAGS}".encode()
     h = hashlib.sha256(key).hexdigest()
-    return f"normyolo_norm_act_cpu_{h[:16]}"
+    return f"normyolo_{source.stem}_{h[:16]}"
 
 
 def _import_cpp_extension_load():
@@ -79,23 +81,27 @@ def _reason(e: Exception) -> str:
     return (errors or lines or [repr(e)])[0 if errors else -1]
 
 
-def load_kernel() -> ModuleType | None:
-    """The compiled kernel module, building it on the first call; None if disabled or the build failed."""
-    if "kernel" in _state:
-        return _state["kernel"]
+def load_source(source: Path, key: str, what: str) -> ModuleType | None:
+    """The extension built from ``source`` (cached in ``_state[key]``), building it on the first call; None if
+    disabled (NORMYOLO_CPU_KERNELS=0) or the build failed (one warning naming ``what``)."""
+    if key in _state:
+        return _state[key]
     kernel = None
     if os.environ.get("NORMYOLO_CPU_KERNELS", "1") != "0":
         try:
             load = _import_cpp_extension_load()
-            LOGGER.info("norm_act_cpu: loading the fused CPU norm + activation kernel (its first build on a machine "
-                        "takes about 25 s)")
-            kernel = load(build_name(), [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                          verbose=False)
+            LOGGER.info(f"{source.stem}: loading the {what} (its first build on a machine takes 25-60 s)")
+            kernel = load(build_name(source), [str(source)], extra_cflags=CFLAGS, verbose=False)
         except Exception as e:  # no compiler / ninja, or a platform the flags do not suit: torch's ops instead
-            LOGGER.warning(f"norm_act_cpu: kernel build failed, using torch's ops ({type(e).__name__}: "
+            LOGGER.warning(f"{source.stem}: kernel build failed, using torch's ops ({type(e).__name__}: "
                            f"{_reason(e)})")
-    _state["kernel"] = kernel
+    _state[key] = kernel
     return kernel
+
+
+def load_kernel() -> ModuleType | None:
+    """The compiled inference kernel module, building it on the first call; None if disabled or the build failed."""
+    return load_source(SOURCE, "kernel", "fused CPU norm + activation kernel")
 
 
 def _slope(act: nn.Module) -> float | None:

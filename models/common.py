@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from models.norm import NormBuilder, fuse_conv_and_norm, is_fusible_norm, make_norm_builder
 from models.norm_act_cpu import norm_act
+from models.norm_act_train import norm_act_train
 from utils.general import ConfigError
 
 _ACTIVATIONS = {
@@ -83,9 +84,11 @@ class Conv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        if not isinstance(self.norm, nn.Identity):  # GN / LN / IN inference on CPU: one fused kernel (norm_act_cpu)
-            # y is this call's own temporary unless a hook on the conv kept it (module-wide hooks: norm_act declines)
-            fused = norm_act(y, self.norm, self.act, inplace=not self.conv._forward_hooks)
+        if not isinstance(self.norm, nn.Identity):  # on CPU, norm + activation as one kernel where one applies
+            fused = norm_act_train(y, self.norm, self.act)  # training (norm_act_train)
+            if fused is None:  # GN / LN / IN inference (norm_act_cpu); y is this call's own temporary unless a
+                # hook on the conv kept it (module-wide hooks: norm_act declines)
+                fused = norm_act(y, self.norm, self.act, inplace=not self.conv._forward_hooks)
             if fused is not None:
                 return fused
         return self.act(self.norm(y))

@@ -1,0 +1,442 @@
+// BatchNorm / GroupNorm (LayerNorm and InstanceNorm as its G = 1 and G = C cases) followed by a leaky ReLU, forward
+// and backward, for channels-last float32 CPU tensors in training. Built on first use by models/norm_act_train.py.
+//
+// torch trains Conv -> Norm -> LeakyReLU as two ops each way: forward the norm (statistics, then scale and shift into
+// a new tensor) and the activation (another read and write); backward the activation's gradient (read two maps,
+// write one) and the norm's (two reductions reading that gradient and the input, then a third pass writing the
+// input's gradient). On a CPU whose memory bandwidth is the limit, those passes are a large part of the step. Here:
+// forward reads the map once for the statistics and once more to write norm + activation; backward reads the output
+// gradient and the input once for both reductions (the activation's mask is recomputed from the input, never
+// stored) and once more to write the input gradient.
+//
+// Work is split into chunks of up to kChunkRows pixels of one image, each summed on its own (float over blocks of
+// kBlockRows rows, then double) and combined in double in a fixed order, so results do not depend on the thread
+// count. Forward statistics are shifted sums (y = x - x0[c], x0 the chunk's middle row) combined with the
+// parallel-variance formula, so a map whose mean is far from zero against its spread loses no digits.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlockRows = 256;   // rows summed in float before adding to the double totals
+constexpr int64_t kChunkRows = 2048;  // pixels of one image per unit of parallel work
+constexpr int64_t kStrip = 64;        // rows of C < kStrip floats are processed kStrip / C at a time
+
+int64_t strip_rows(int64_t C) { return C >= kStrip ? 1 : kStrip / C; }
+
+struct Layout {
+  int64_t N, C, HW, G;  // G == 0: BatchNorm (a channel's statistics span the batch); else groups per image
+  int64_t K() const { return std::max<int64_t>(1, (HW + kChunkRows - 1) / kChunkRows); }  // chunks per image
+  int64_t chunks() const { return N * K(); }
+  int64_t rows(int64_t j, int64_t* r0) const {  // chunk j's first pixel in its image (*r0) and pixel count
+    const int64_t k = j % K();
+    *r0 = k * HW / K();
+    return (k + 1) * HW / K() - *r0;
+  }
+  // Statistics groups: BatchNorm's group q is channel q over every image; GroupNorm's (q = n * G + g) the channels
+  // of group g in image n. Images [n0, n1) and channels [c0, c1) of group q:
+  int64_t groups() const { return G == 0 ? C : N * G; }
+  void group(int64_t q, int64_t* n0, int64_t* n1, int64_t* c0, int64_t* c1) const {
+    const int64_t D = G == 0 ? 1 : C / G;
+    *n0 = G == 0 ? 0 : q / G;
+    *n1 = G == 0 ? N : *n0 + 1;
+    *c0 = G == 0 ? q : (q % G) * D;
+    *c1 = *c0 + D;
+  }
+};
+
+// Repeat C values to a strip of strip_rows(C) * C floats.
+void to_strip(const float* v, int64_t C, float* out) {
+  const int64_t L = strip_rows(C) * C;
+  for (int64_t j = 0; j < L; ++j) out[j] = v[j % C];
+}
+
+// Over rows [r0, r1) (rows of C floats at x): s1[c] += sum (x - k[c]), s2[c] += sum (x - k[c])^2; k strip-sized.
+void shifted_sums(const float* x, int64_t C, int64_t r0, int64_t r1, const float* __restrict k, double* s1,
+                  double* s2) {
+  const int64_t R = strip_rows(C), L = R * C;
+  std::vector<float> f1(L), f2(L);
+  for (int64_t r = r0; r < r1; r += kBlockRows) {
+    std::fill(f1.begin(), f1.end(), 0.f);
+    std::fill(f2.begin(), f2.end(), 0.f);
+    float* __restrict p1 = f1.data();
+    float* __restrict p2 = f2.data();
+    const int64_t re = std::min(r + kBlockRows, r1);
+    int64_t rr = r;
+    for (; rr + R <= re; rr += R) {
+      const float* __restrict xr = x + rr * C;
+#pragma omp simd
+      for (int64_t j = 0; j < L; ++j) {
+        const float v = xr[j] - k[j];
+        p1[j] += v;
+        p2[j] += v * v;
+      }
+    }
+    for (; rr < re; ++rr) {
+      const float* __restrict xr = x + rr * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = xr[c] - k[c];
+        p1[c] += v;
+        p2[c] += v * v;
+      }
+    }
+    for (int64_t j = 0; j < L; ++j) {
+      s1[j % C] += p1[j];
+      s2[j % C] += p2[j];
+    }
+  }
+}
+
+// y = leaky(x * a[c] + b[c]) over rows [r0, r1); a, b strip-sized.
+void apply_rows(const float* x, float* y, int64_t C, int64_t r0, int64_t r1, const float* __restrict a,
+                const float* __restrict b, float slope) {
+  const int64_t R = strip_rows(C), L = R * C;
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) {
+    const float* __restrict xr = x + r * C;
+    float* __restrict yr = y + r * C;
+#pragma omp simd
+    for (int64_t j = 0; j < L; ++j) {
+      const float v = xr[j] * a[j] + b[j];
+      const float vs = v * slope;  // computed unconditionally so that the select vectorises
+      yr[j] = v > 0.f ? v : vs;
+    }
+  }
+  for (; r < r1; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = xr[c] * a[c] + b[c];
+      const float vs = v * slope;
+      yr[c] = v > 0.f ? v : vs;
+    }
+  }
+}
+
+// Backward reductions over rows [r0, r1): with dz = g where x * a + b > 0, else g * slope,
+// t1[c] += sum dz, t2[c] += sum dz * (x - mu[c]). g's rows are gs floats apart (gs > C: g is a channel slice of a
+// wider channels-last gradient, as a concatenation's backward hands on; those rows are taken one at a time).
+void grad_sums(const float* g, int64_t gs, const float* x, int64_t C, int64_t r0, int64_t r1,
+               const float* __restrict a, const float* __restrict b, const float* __restrict mu, float slope,
+               double* t1, double* t2) {
+  const int64_t S = strip_rows(C), L = S * C, R = gs == C ? S : 1;
+  std::vector<float> f1(L), f2(L);
+  for (int64_t r = r0; r < r1; r += kBlockRows) {
+    std::fill(f1.begin(), f1.end(), 0.f);
+    std::fill(f2.begin(), f2.end(), 0.f);
+    float* __restrict p1 = f1.data();
+    float* __restrict p2 = f2.data();
+    const int64_t re = std::min(r + kBlockRows, r1);
+    int64_t rr = r;
+    for (; R > 1 && rr + R <= re; rr += R) {
+      const float* __restrict xr = x + rr * C;
+      const float* __restrict gr = g + rr * C;
+#pragma omp simd
+      for (int64_t j = 0; j < L; ++j) {
+        const float z = xr[j] * a[j] + b[j];
+        const float dz = gr[j] * (z > 0.f ? 1.f : slope);
+        p1[j] += dz;
+        p2[j] += dz * (xr[j] - mu[j]);
+      }
+    }
+    for (; rr < re; ++rr) {  // rows one at a time, each into the strip lane a strip would have given it, so that
+      // strided and contiguous gradients are summed in the same order
+      const int64_t o = ((rr - r) % S) * C;
+      const float* __restrict xr = x + rr * C;
+      const float* __restrict gr = g + rr * gs;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float z = xr[c] * a[c] + b[c];
+        const float dz = gr[c] * (z > 0.f ? 1.f : slope);
+        p1[o + c] += dz;
+        p2[o + c] += dz * (xr[c] - mu[c]);
+      }
+    }
+    for (int64_t j = 0; j < L; ++j) {
+      t1[j % C] += p1[j];
+      t2[j % C] += p2[j];
+    }
+  }
+}
+
+// Per-channel values of one image for the backward passes, each repeated to a strip (strip_rows(C) * C floats):
+// the forward's scale a and shift b (for the activation's mask), the statistics' mean mu, and the coefficients of
+// dx = p * ((dz - m1) - (x - mu) * k) + (q * (x - mu) + r). BatchNorm uses p, m1, k (torch's formula: the mean and
+// the projection are taken off the gradient before it is scaled, which keeps the digits where they nearly cancel);
+// GroupNorm's coefficients mix channels of a group and use p, q, r (as torch's GroupNorm backward).
+struct Coefs {
+  std::vector<float> a, b, mu, p, m1, k, q, r;
+  explicit Coefs(int64_t C) {
+    for (auto* v : {&a, &b, &mu, &p, &m1, &k, &q, &r}) v->resize(strip_rows(C) * C);
+  }
+};
+
+// dx over rows [r0, r1) with dz as in grad_sums; g's rows gs floats apart.
+void grad_apply(const float* g, int64_t gs, const float* x, float* dx, int64_t C, int64_t r0, int64_t r1,
+                const Coefs& cf, float slope) {
+  const int64_t R = gs == C ? strip_rows(C) : 1, L = strip_rows(C) * C;
+  const float* __restrict a = cf.a.data();
+  const float* __restrict b = cf.b.data();
+  const float* __restrict mu = cf.mu.data();
+  const float* __restrict p = cf.p.data();
+  const float* __restrict m1 = cf.m1.data();
+  const float* __restrict k = cf.k.data();
+  const float* __restrict q = cf.q.data();
+  const float* __restrict r_ = cf.r.data();
+  int64_t r = r0;
+  for (; R > 1 && r + R <= r1; r += R) {
+    const float* __restrict xr = x + r * C;
+    const float* __restrict gr = g + r * C;
+    float* __restrict dr = dx + r * C;
+#pragma omp simd
+    for (int64_t j = 0; j < L; ++j) {
+      const float z = xr[j] * a[j] + b[j];
+      const float dz = gr[j] * (z > 0.f ? 1.f : slope);
+      const float xc = xr[j] - mu[j];
+      dr[j] = p[j] * ((dz - m1[j]) - xc * k[j]) + (q[j] * xc + r_[j]);
+    }
+  }
+  for (; r < r1; ++r) {
+    const float* __restrict xr = x + r * C;
+    const float* __restrict gr = g + r * gs;
+    float* __restrict dr = dx + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float z = xr[c] * a[c] + b[c];
+      const float dz = gr[c] * (z > 0.f ? 1.f : slope);
+      const float xc = xr[c] - mu[c];
+      dr[c] = p[c] * ((dz - m1[c]) - xc * k[c]) + (q[c] * xc + r_[c]);
+    }
+  }
+}
+
+void check_input(const torch::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 4 &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              what, ": expected a channels-last float32 CPU (N, C, H, W) tensor");
+}
+
+// Parallel over chunks; fn(j, n, r0, r1) for each.
+template <typename F>
+void for_chunks(const Layout& L, F fn) {
+  at::parallel_for(0, L.chunks(), 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      int64_t r0;
+      const int64_t cnt = L.rows(j, &r0);
+      fn(j, j / L.K(), r0, r0 + cnt);
+    }
+  });
+}
+
+}  // namespace
+
+// Forward. x (N, C, H, W) channels-last float32; weight, bias (C,) float32; groups: 0 for BatchNorm, else the
+// GroupNorm group count. Returns (y, a, b, mu, rstd, mean, var): y = leaky(x * a + b) channels-last; a, b, mu, rstd
+// (N, C) float32 per image and channel (scale, shift, the statistics' mean and 1 / std); mean (C,) and unbiased var
+// (C,) of each channel over the batch (BatchNorm's running statistics), empty for GroupNorm.
+std::vector<torch::Tensor> norm_act_forward(const torch::Tensor& x, const torch::Tensor& weight,
+                                            const torch::Tensor& bias, int64_t groups, double eps, double slope) {
+  check_input(x, "norm_act_forward");
+  const Layout L{x.size(0), x.size(1), x.size(2) * x.size(3), groups};
+  const int64_t N = L.N, C = L.C, HW = L.HW;
+  TORCH_CHECK(groups >= 0 && (groups == 0 || C % groups == 0), "norm_act_forward: bad group count ", groups);
+  TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.is_contiguous() && bias.is_contiguous() &&
+                  weight.scalar_type() == torch::kFloat && bias.scalar_type() == torch::kFloat,
+              "norm_act_forward: expected contiguous float32 weight and bias of ", C, " values");
+  TORCH_CHECK(HW > 0 && N > 0 && (groups > 0 || N * HW > 1), "norm_act_forward: need more than one value per channel");
+  const auto fopt = x.options().memory_format(at::MemoryFormat::Contiguous);
+  auto y = torch::empty_like(x, at::MemoryFormat::ChannelsLast);
+  auto a = torch::empty({N, C}, fopt), b = torch::empty({N, C}, fopt);
+  auto mu = torch::empty({N, C}, fopt), rstd = torch::empty({N, C}, fopt);
+  torch::Tensor mean, var;
+  const float* X = x.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float* bb = bias.data_ptr<float>();
+  const int64_t J = L.chunks(), K = L.K();
+
+  // 1. per chunk: mean and sum of squared deviations of each channel (double)
+  std::vector<double> cmean(J * C), cm2(J * C);
+  for_chunks(L, [&](int64_t j, int64_t n, int64_t r0, int64_t r1) {
+    const float* xn = X + n * HW * C;
+    std::vector<float> k(strip_rows(C) * C);
+    to_strip(xn + ((r0 + r1) / 2) * C, C, k.data());
+    std::vector<double> s1(C, 0.0), s2(C, 0.0);
+    shifted_sums(xn, C, r0, r1, k.data(), s1.data(), s2.data());
+    const double cnt = static_cast<double>(r1 - r0);
+    for (int64_t c = 0; c < C; ++c) {
+      cmean[j * C + c] = k[c] + s1[c] / cnt;
+      cm2[j * C + c] = std::max(0.0, s2[c] - s1[c] * s1[c] / cnt);
+    }
+  });
+
+  // 2. each statistics group from its chunks (parallel-variance formula, in double, in a fixed order)
+  float* A = a.data_ptr<float>();
+  float* B = b.data_ptr<float>();
+  float* MU = mu.data_ptr<float>();
+  float* RS = rstd.data_ptr<float>();
+  if (groups == 0) {
+    mean = torch::empty({C}, fopt);
+    var = torch::empty({C}, fopt);
+  }
+  for (int64_t q = 0; q < L.groups(); ++q) {
+    int64_t n0, n1, c0, c1, r0;
+    L.group(q, &n0, &n1, &c0, &c1);
+    double tot = 0.0, m = 0.0, m2 = 0.0;
+    for (int64_t j = n0 * K; j < n1 * K; ++j) {
+      const double cnt = static_cast<double>(L.rows(j, &r0));
+      for (int64_t c = c0; c < c1; ++c) {
+        tot += cnt;
+        m += cnt * cmean[j * C + c];
+      }
+    }
+    m /= tot;
+    for (int64_t j = n0 * K; j < n1 * K; ++j) {
+      const double cnt = static_cast<double>(L.rows(j, &r0));
+      for (int64_t c = c0; c < c1; ++c) {
+        const double d = cmean[j * C + c] - m;
+        m2 += cm2[j * C + c] + cnt * d * d;
+      }
+    }
+    const double rs = 1.0 / std::sqrt(m2 / tot + eps);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t c = c0; c < c1; ++c) {
+        A[n * C + c] = static_cast<float>(rs * w[c]);
+        B[n * C + c] = static_cast<float>(bb[c] - m * rs * w[c]);
+        MU[n * C + c] = static_cast<float>(m);
+        RS[n * C + c] = static_cast<float>(rs);
+      }
+    }
+    if (groups == 0) {  // BatchNorm's running statistics take the unbiased variance
+      mean.data_ptr<float>()[q] = static_cast<float>(m);
+      var.data_ptr<float>()[q] = static_cast<float>(m2 / std::max(1.0, tot - 1.0));
+    }
+  }
+
+  // 3. y = leaky(x * a + b)
+  float* Y = y.data_ptr<float>();
+  const float sl = static_cast<float>(slope);
+  for_chunks(L, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
+    std::vector<float> as(strip_rows(C) * C), bs(strip_rows(C) * C);
+    to_strip(A + n * C, C, as.data());
+    to_strip(B + n * C, C, bs.data());
+    apply_rows(X + n * HW * C, Y + n * HW * C, C, r0, r1, as.data(), bs.data(), sl);
+  });
+  return {y, a, b, mu, rstd, mean, var};
+}
+
+// Backward of norm_act_forward. g: the gradient of y (read in place when channels-last or a channel slice of a wider
+// channels-last tensor, else copied); x, a, b, mu, rstd as saved; weight (C,). Returns (dx channels-last,
+// dweight (C,), dbias (C,)).
+std::vector<torch::Tensor> norm_act_backward(const torch::Tensor& g_in, const torch::Tensor& x,
+                                             const torch::Tensor& weight, const torch::Tensor& a,
+                                             const torch::Tensor& b, const torch::Tensor& mu,
+                                             const torch::Tensor& rstd, int64_t groups, double slope) {
+  check_input(x, "norm_act_backward");
+  TORCH_CHECK(g_in.sizes() == x.sizes() && g_in.scalar_type() == torch::kFloat, "norm_act_backward: gradient mismatch");
+  // g as it comes if its pixels are rows of C contiguous floats at a common stride (channels-last, or a channel
+  // slice of a wider channels-last tensor), else a channels-last copy
+  const int64_t gs0 = g_in.stride(3);
+  const bool rows = g_in.stride(1) == 1 && gs0 >= x.size(1) && g_in.stride(2) == x.size(3) * gs0 &&
+                    g_in.stride(0) == x.size(2) * x.size(3) * gs0;
+  const auto g = rows ? g_in : g_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t gs = rows ? gs0 : x.size(1);
+  const Layout L{x.size(0), x.size(1), x.size(2) * x.size(3), groups};
+  const int64_t N = L.N, C = L.C, HW = L.HW, J = L.chunks(), K = L.K();
+  const float* X = x.data_ptr<float>();
+  const float* Gd = g.data_ptr<float>();
+  const float* A = a.data_ptr<float>();
+  const float* B = b.data_ptr<float>();
+  const float* MU = mu.data_ptr<float>();
+  const float* RS = rstd.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float sl = static_cast<float>(slope);
+
+  // 1. per chunk: sum dz and sum dz * (x - mu)
+  std::vector<double> t1(J * C, 0.0), t2(J * C, 0.0);
+  for_chunks(L, [&](int64_t j, int64_t n, int64_t r0, int64_t r1) {
+    const int64_t S = strip_rows(C) * C;
+    std::vector<float> as(S), bs(S), ms(S);
+    to_strip(A + n * C, C, as.data());
+    to_strip(B + n * C, C, bs.data());
+    to_strip(MU + n * C, C, ms.data());
+    grad_sums(Gd + n * HW * gs, gs, X + n * HW * C, C, r0, r1, as.data(), bs.data(), ms.data(), sl, &t1[j * C],
+              &t2[j * C]);
+  });
+  // per image and channel
+  std::vector<double> s1(N * C, 0.0), s2(N * C, 0.0);
+  for (int64_t j = 0; j < J; ++j) {
+    const int64_t n = j / K;
+    for (int64_t c = 0; c < C; ++c) {
+      s1[n * C + c] += t1[j * C + c];
+      s2[n * C + c] += t2[j * C + c];
+    }
+  }
+  const auto fopt = x.options().memory_format(at::MemoryFormat::Contiguous);
+  auto dw = torch::empty({C}, fopt), db = torch::empty({C}, fopt);
+  for (int64_t c = 0; c < C; ++c) {  // dweight = sum dz xhat, dbias = sum dz
+    double sw = 0.0, sb = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+      sw += s2[n * C + c] * RS[n * C + c];
+      sb += s1[n * C + c];
+    }
+    dw.data_ptr<float>()[c] = static_cast<float>(sw);
+    db.data_ptr<float>()[c] = static_cast<float>(sb);
+  }
+
+  // 2. coefficients per image and channel (double, stored as float), m = the statistics group's value count.
+  // BatchNorm (torch's formula): dx = rstd w ((dz - mean dz) - (x - mu) rstd^2 sum(dz (x - mu)) / m).
+  // GroupNorm: dx = rstd (w dz - S1 / m - xhat S2 / m) with S1 = sum w dz and S2 = sum w dz xhat over the group.
+  std::vector<float> P(N * C), M1(N * C, 0.f), Kk(N * C, 0.f), Q(N * C, 0.f), R(N * C, 0.f);
+  for (int64_t q = 0; q < L.groups(); ++q) {
+    int64_t n0, n1, c0, c1;
+    L.group(q, &n0, &n1, &c0, &c1);
+    double S1 = 0.0, S2 = 0.0, sdz = 0.0, dot = 0.0;
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t c = c0; c < c1; ++c) {
+        S1 += w[c] * s1[n * C + c];
+        S2 += w[c] * s2[n * C + c] * RS[n * C + c];
+        sdz += s1[n * C + c];
+        dot += s2[n * C + c];
+      }
+    }
+    const double m = static_cast<double>((n1 - n0) * (c1 - c0) * HW);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t i = n * C + c;
+        const double rs = RS[i];
+        P[i] = static_cast<float>(rs * w[c]);
+        if (groups == 0) {
+          M1[i] = static_cast<float>(sdz / m);
+          Kk[i] = static_cast<float>(dot * rs * rs / m);
+        } else {
+          Q[i] = static_cast<float>(-rs * rs * S2 / m);
+          R[i] = static_cast<float>(-rs * S1 / m);
+        }
+      }
+    }
+  }
+
+  // 3. dx
+  auto dx = torch::empty_like(x, at::MemoryFormat::ChannelsLast);
+  float* DX = dx.data_ptr<float>();
+  for_chunks(L, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
+    Coefs cf(C);
+    const std::pair<const float*, std::vector<float>*> src[] = {
+        {A + n * C, &cf.a}, {B + n * C, &cf.b}, {MU + n * C, &cf.mu}, {P.data() + n * C, &cf.p},
+        {M1.data() + n * C, &cf.m1}, {Kk.data() + n * C, &cf.k}, {Q.data() + n * C, &cf.q},
+        {R.data() + n * C, &cf.r}};
+    for (const auto& [from, to] : src) to_strip(from, C, to->data());
+    grad_apply(Gd + n * HW * gs, gs, X + n * HW * C, DX + n * HW * C, C, r0, r1, cf, sl);
+  });
+  return {dx, dw, db};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("norm_act_forward", &norm_act_forward, "leaky(norm(x)) in training, channels-last float32 CPU");
+  m.def("norm_act_backward", &norm_act_backward, "backward of norm_act_forward");
+}

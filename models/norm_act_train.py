@@ -1,0 +1,113 @@
+"""BatchNorm / GroupNorm / LayerNorm / InstanceNorm + leaky ReLU (or ReLU, identity) as one CPU kernel for training.
+
+torch trains a Conv -> Norm -> LeakyReLU block's norm and activation as separate ops, each a full pass or two over
+the map, forward and backward. On a CPU those passes are bound by memory bandwidth, not arithmetic, and on a machine
+with little of it they are a large part of the step (docs/training.md#speed). ``csrc/norm_act_train_cpu.cpp`` does
+the norm and the activation in one forward (a statistics read, then one read and one write) and one backward (one
+read of the output gradient and the input for both reductions, the activation's mask recomputed from the input,
+then one read each and one write of the input gradient): 8 passes over the map instead of torch's 13.
+
+It serves ``models.common.Conv`` in training when the conv output is a channels-last float32 CPU tensor outside
+tracing and compiling, the norm is ``nn.BatchNorm2d`` in training mode, or the project's GroupNorm2d / LayerNorm2d /
+InstanceNorm2d (without running statistics) on torch's GroupNorm kernel setting, the activation is LeakyReLU, ReLU
+or identity, and neither module has forward hooks. Everything else (bfloat16 autocast, CUDA, evaluation, SyncBN,
+export) runs torch's ops. BatchNorm's running statistics and ``num_batches_tracked`` are updated as torch's
+``_BatchNorm.forward`` does. Outputs and gradients equal torch's to float32 rounding (tests/test_norm_act_train.py,
+float64 references); statistics and reductions accumulate in double in a fixed order, so they do not depend on
+the thread count.
+
+The kernel is built on first use like models/norm_act_cpu.py's (same cache, same ``NORMYOLO_CPU_KERNELS=0`` switch,
+torch's ops if the build fails).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn as nn
+
+from models.norm import GroupNorm2d, InstanceNorm2d
+from models.norm_act_cpu import _hooked, _slope, load_source
+from models.norm_channels_last import group_norm_kernel, is_channels_last_eager
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "norm_act_train_cpu.cpp"
+
+
+def load_train_kernel() -> ModuleType | None:
+    """The compiled training kernel module, building it on the first call; None if disabled or the build failed."""
+    return load_source(SOURCE, "train_kernel", "fused CPU norm + activation training kernel")
+
+
+class _NormActTrain(torch.autograd.Function):
+    """leaky(norm(x)) with the kernel's forward and backward; groups 0 = BatchNorm, else GroupNorm's count."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, slope, kernel, stats):  # noqa: D401
+        y, a, b, mu, rstd, mean, var = kernel.norm_act_forward(x, weight, bias, groups, eps, slope)
+        ctx.save_for_backward(x, weight, a, b, mu, rstd)
+        ctx.groups, ctx.slope, ctx.kernel = groups, slope, kernel
+        stats.extend((mean, var))  # BatchNorm's batch mean and unbiased variance, for its running statistics
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, a, b, mu, rstd = ctx.saved_tensors
+        dx, dw, db = ctx.kernel.norm_act_backward(dy, x, weight, a, b, mu, rstd, ctx.groups, ctx.slope)
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None), (dw if need[1] else None), (db if need[2] else None), *(None,) * 5
+
+
+def _groups(norm: nn.Module, channels: int) -> int | None:
+    """The kernel's group count for ``norm`` in training (0: BatchNorm), or None where it does not apply."""
+    if type(norm) is nn.BatchNorm2d:  # exactly: SyncBatchNorm and other subclasses have their own forward
+        return 0 if norm.training or norm.running_mean is None else None
+    if group_norm_kernel() != "torch":  # models/norm_channels_last.py's kernel was asked for
+        return None
+    if isinstance(norm, GroupNorm2d):
+        return norm.num_groups
+    if isinstance(norm, InstanceNorm2d) and not norm.track_running_stats:
+        return channels
+    return None
+
+
+def _bn_momentum(norm: nn.BatchNorm2d) -> float | None:
+    """Count the batch and return the running statistics' update factor, as ``_BatchNorm.forward`` does (None: no
+    running statistics to update)."""
+    if not (norm.training and norm.track_running_stats) or norm.running_mean is None:
+        return None
+    norm.num_batches_tracked.add_(1)
+    return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else float(norm.momentum)
+
+
+def norm_act_train(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> torch.Tensor | None:
+    """act(norm(x)) of a conv output x (N, C, H, W) in training by the fused kernel, or None where it does not
+    apply (the caller then runs torch's ops). Records the autograd graph; updates BatchNorm's running statistics."""
+    if not (torch.is_grad_enabled() and x.is_cpu and x.dtype == torch.float32 and is_channels_last_eager(x)):
+        return None
+    groups, slope = _groups(norm, x.shape[1]), _slope(act)
+    if groups is None or slope is None or _hooked(norm) or _hooked(act):
+        return None
+    weight, bias = norm.weight, norm.bias
+    if not (x.requires_grad or any(p is not None and p.requires_grad for p in (weight, bias))):
+        return None  # nothing to differentiate: the inference paths serve
+    if groups == 0 and x.numel() // x.shape[1] <= 1:
+        return None  # torch raises its own error for one value per channel
+    c = x.shape[1]
+    if weight is None or bias is None:
+        weight, bias = torch.ones(c), torch.zeros(c)
+    if weight.dtype != torch.float32 or bias.dtype != torch.float32:
+        return None
+    kernel = load_train_kernel()
+    if kernel is None:
+        return None
+    momentum = _bn_momentum(norm) if groups == 0 else None
+    stats: list[torch.Tensor] = []
+    y = _NormActTrain.apply(x, weight.contiguous(), bias.contiguous(), groups, float(norm.eps), slope, kernel, stats)
+    if momentum is not None:
+        with torch.no_grad():
+            mean, var = stats
+            norm.running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
+            norm.running_var.mul_(1.0 - momentum).add_(var, alpha=momentum)
+    return y

@@ -7,7 +7,7 @@ while it is in cache (``benchmarks/inference.py`` measures the gain). It serves 
 needs gradients and the map is a channels-last float32 CPU tensor outside tracing and compiling; every other case
 (training, bfloat16, CUDA, export, SiLU, modules with forward hooks) runs torch's ops as before.
 
-The kernel is compiled with torch.utils.cpp_extension the first time an eligible layer runs (about 25 s on 2 cores;
+The kernel is compiled with torch.utils.cpp_extension the first time an eligible layer runs (about 30 s on 2 cores;
 a C++ compiler and ninja are needed) and cached under torch's extension directory (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``), keyed by its source, torch's version and the CPU's instruction-set flags.
 If the build fails, one warning says why and the process keeps torch's ops. ``NORMYOLO_CPU_KERNELS=0`` turns it
@@ -90,7 +90,7 @@ def load_source(source: Path, key: str, what: str) -> ModuleType | None:
     if os.environ.get("NORMYOLO_CPU_KERNELS", "1") != "0":
         try:
             load = _import_cpp_extension_load()
-            LOGGER.info(f"{source.stem}: loading the {what} (its first build on a machine takes 25-60 s)")
+            LOGGER.info(f"{source.stem}: loading the {what} (its first build on a machine takes about 30 s)")
             kernel = load(build_name(source), [str(source)], extra_cflags=CFLAGS, verbose=False)
         except Exception as e:  # no compiler / ninja, or a platform the flags do not suit: torch's ops instead
             LOGGER.warning(f"{source.stem}: kernel build failed, using torch's ops ({type(e).__name__}: "

@@ -3,13 +3,16 @@
     python benchmarks/train_speed.py                       # 320 px, batch 16, mosaic on, ../shared/coco128
     python benchmarks/train_speed.py --norms bn gn:C/16 ln --epochs 3 --data cfg/data/synthetic.yaml
     python benchmarks/train_speed.py --norms bn gn:C/16 ln in --rounds 2   # ABBA order, median ratios
+    python benchmarks/train_speed.py --norms bn gn:C/16 --cpu-kernels both --rounds 2   # fused kernel on vs off
 
 Runs ``engine.throughput.train_throughput`` (``engine.loop.train_one_epoch``, the same code as train.py: AMP on
 CUDA, nominal-batch accumulation, EMA, loaded batches with mosaic) for ``--epochs`` timed passes after one untimed
 warm-up pass, and prints a table plus the GN/BN time ratio. With ``--rounds R`` the norms run R times, every
 other round in reverse order (bn gn ln, ln gn bn, ...), so that a machine drifting in speed during the run does not
 favour the norms measured first; each norm's time is compared with the first norm's of the same round, and the
-median over rounds is printed. coco128 is used when ``../shared/coco128`` exists, else the built-in synthetic data.
+median over rounds is printed. ``--cpu-kernels both`` measures every norm twice per round, with the fused CPU
+training kernel (models/norm_act_train.py) and with torch's ops ("bn/torch"), and prints each norm's on / off time
+ratio. coco128 is used when ``../shared/coco128`` exists, else the built-in synthetic data.
 """
 from __future__ import annotations
 
@@ -40,6 +43,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CUDA: let cuDNN time its algorithms per shape (torch.backends.cudnn.benchmark; "
                         "off in train.py)")
     p.add_argument("--rounds", type=int, default=1, help="repeat the norms, every other round in reverse order")
+    p.add_argument("--cpu-kernels", default="on", choices=["on", "off", "both"],
+                   help="the fused CPU norm + activation training kernel (models/norm_act_train.py): on (as train.py), "
+                        "off (torch's ops), or both, each norm measured with and without it")
     p.add_argument("--json", default="", help="also append the rows (with the settings) to this JSON-lines file")
     return p.parse_args(argv)
 
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.accel import set_cpu_threads
     from utils.memory import retain_freed_memory
 
+    from models.norm_act_train import set_train_kernel
     from models.norm_channels_last import set_group_norm_kernel
 
     if opt.workers < 0:
@@ -72,15 +79,24 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         set_cpu_threads()
         retain_freed_memory()  # as train.py does on CPU (utils/memory.py)
+    # (norm, kernel on) per measured entry; "both" puts each norm's torch-ops entry right after it
+    kernels = {"on": [True], "off": [False], "both": [True, False]}[opt.cpu_kernels]
+    entries = [(n, k) for n in opt.norms for k in kernels]
     rounds = []
     for r in range(max(1, opt.rounds)):
-        order = range(len(opt.norms)) if r % 2 == 0 else reversed(range(len(opt.norms)))
-        got = {i: train_throughput(opt.norms[i], opt.cfg, data_cfg, hyp, device, img=opt.img,
-                                   batch_size=opt.batch_size, epochs=opt.epochs, workers=opt.workers,
-                                   max_batches=opt.max_batches, amp=opt.amp,
+        order = range(len(entries)) if r % 2 == 0 else reversed(range(len(entries)))
+        got = {}
+        for i in order:
+            norm, on = entries[i]
+            set_train_kernel(on)
+            row = train_throughput(norm, opt.cfg, data_cfg, hyp, device, img=opt.img, batch_size=opt.batch_size,
+                                   epochs=opt.epochs, workers=opt.workers, max_batches=opt.max_batches, amp=opt.amp,
                                    channels_last=channels_last_flag(opt.channels_last), compile=opt.compile,
-                                   fixed_batch=opt.fixed_batch) for i in order}
-        rounds.append([got[i] for i in range(len(opt.norms))])
+                                   fixed_batch=opt.fixed_batch)
+            got[i] = {**row, "norm": norm if on or opt.cpu_kernels == "off" else f"{norm}/torch",
+                      "cpu_kernels": on}
+        rounds.append([got[i] for i in range(len(entries))])
+    set_train_kernel(True)
     _print_setting(opt, data_cfg, hyp, device, rounds[0])
     if len(rounds) == 1:
         _print_table(rounds[0])
@@ -94,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                                         "batch": opt.batch_size, "channels_last": opt.channels_last,
                                         "compile": opt.compile, "fixed_batch": opt.fixed_batch,
                                         "cudnn_benchmark": opt.cudnn_benchmark, "gn_kernel": opt.gn_kernel}) + "\n")
-    kind = [n.split(":")[0] for n in opt.norms]
+    if opt.cpu_kernels == "both":
+        for i in range(0, len(entries), 2):
+            on_off = statistics.median(rows[i + 1]["images_per_s"] / rows[i]["images_per_s"] for rows in rounds)
+            print(f"{entries[i][0]}: time with the fused CPU kernel / with torch's ops"
+                  f"{' (median)' if len(rounds) > 1 else ''}: {on_off:.3f}")
+    kind = [n.split(":")[0] for n, _ in entries]
     if "bn" in kind and "gn" in kind:
         ib, ig = kind.index("bn"), kind.index("gn")
         gn_bn = statistics.median(rows[ib]["images_per_s"] / rows[ig]["images_per_s"] for rows in rounds)
@@ -109,6 +130,7 @@ def _print_setting(opt: argparse.Namespace, data_cfg: dict, hyp: dict, device: t
           f"compile {'on' if opt.compile else 'off'}{', fixed batch (step only)' if opt.fixed_batch else ''}"
           f"{', cudnn.benchmark' if opt.cudnn_benchmark else ''}"
           f"{', GN/LN/IN kernel ' + opt.gn_kernel if opt.gn_kernel != 'torch' else ''}"
+          f"{', fused CPU training kernel ' + opt.cpu_kernels if device.type == 'cpu' else ''}"
           f"{f', {opt.rounds} rounds' if opt.rounds > 1 else ''}")
 
 

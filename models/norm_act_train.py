@@ -32,6 +32,13 @@ from models.norm_act_cpu import _hooked, _slope, load_source
 from models.norm_channels_last import group_norm_kernel, is_channels_last_eager
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "norm_act_train_cpu.cpp"
+_enabled = [True]  # set_train_kernel's switch
+
+
+def set_train_kernel(enabled: bool) -> None:
+    """Use the training kernel where it applies (default) or torch's ops everywhere, for this process: the
+    benchmarks' on / off comparison (``benchmarks/train_speed.py --cpu-kernels both``)."""
+    _enabled[0] = bool(enabled)
 
 
 def load_train_kernel() -> ModuleType | None:
@@ -84,7 +91,8 @@ def _bn_momentum(norm: nn.BatchNorm2d) -> float | None:
 def norm_act_train(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> torch.Tensor | None:
     """act(norm(x)) of a conv output x (N, C, H, W) in training by the fused kernel, or None where it does not
     apply (the caller then runs torch's ops). Records the autograd graph; updates BatchNorm's running statistics."""
-    if not (torch.is_grad_enabled() and x.is_cpu and x.dtype == torch.float32 and is_channels_last_eager(x)):
+    if not (_enabled[0] and torch.is_grad_enabled() and x.is_cpu and x.dtype == torch.float32
+            and is_channels_last_eager(x)):
         return None
     groups, slope = _groups(norm, x.shape[1]), _slope(act)
     if groups is None or slope is None or _hooked(norm) or _hooked(act):

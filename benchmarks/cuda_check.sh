@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks of docs/training.md#cuda in one run, for a machine with one NVIDIA GPU:
+# The CUDA checks of docs/cuda.md in one run, for a machine with one NVIDIA GPU:
 #   training step images/s for BN / GN / LN / IN at 640 px batch 64 (AMP float16 + GradScaler), NCHW and
 #   channels_last weights, torch's GroupNorm and models/norm_channels_last.py's, with and without --compile; the
 #   same with the loader; a CUDA profile of the step; train.py / val.py / detect.py on CUDA; a 1-process torchrun

@@ -10,7 +10,7 @@ torch's ops on 2 threads (the reference), the fused CPU training kernel on 2 thr
 train.py runs), and torch's ops on 1 thread, which changes only how float sums are split. Prints the loss of each
 run at a few steps, the relative differences to the reference and their root mean square over all steps. Training
 is chaotic, so any float change grows; a change whose drift is no larger than the 1-thread run's is float noise in
-training terms. docs/training.md quotes its output.
+training terms. docs/speed.md quotes its output.
 """
 from __future__ import annotations
 

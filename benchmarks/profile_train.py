@@ -6,7 +6,7 @@ torch.profiler's top operators by self CPU time (self device time on CUDA).
     python benchmarks/profile_train.py --device 0 --img 640 --batch-size 64      # CUDA: phases timed with syncs
 
 The phases are timed with the same loader, model, loss, optimizer and EMA as training (``engine.throughput``'s
-pieces); the first ``--warmup`` batches are not counted. docs/training.md quotes its output before and after the
+pieces); the first ``--warmup`` batches are not counted. docs/speed.md quotes its output before and after the
 speed work.
 """
 from __future__ import annotations

@@ -2,14 +2,14 @@
 
 Memory format: channels_last (NHWC) weights on CPU and CUDA. On CPU oneDNN's NHWC convolutions are ~15 % faster for
 BN and GN alike. On CUDA (an H200, float16 autocast, 640 px, batch 64, the step alone:
-``benchmarks/cuda_check.sh``, docs/training.md#cuda) NHWC trained BN 2.6x and GN 1.5x faster than NCHW
+``benchmarks/cuda_check.sh``, docs/cuda.md) NHWC trained BN 2.6x and GN 1.5x faster than NCHW
 (932 vs 362 and 648 vs 441 images/s).
 
 ``--compile``: ``torch.compile`` of the model being trained, in place (``nn.Module.compile``), so state_dict keys,
 the EMA copy, checkpoints and DDP wrapping stay as they are; the loss is not compiled (its target count changes every
 batch). Opt-in everywhere, because it measured no faster: on CPU eager and compiled steps took the same time, and on
 the H200 the compiled BN step was slower (806 vs 932 images/s) while the GN model had not finished compiling after
-115 s (docs/training.md#cuda).
+115 s (docs/cuda.md).
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ DEFAULT_HYP = str(ROOT / "cfg" / "hyp" / "synthetic.yaml")
 def default_workers() -> int:
     """Loader worker processes for ``--workers -1`` (auto): half the cores, 1 to 8 (on 2 cores: 1). Loading in the
     training process instead (``--workers 0``) measured 3.5 % faster on 2 cores with the RAM cache (32.1 vs 31.0
-    images/s, docs/training.md#speed) but draws a different augmentation stream, so the default keeps one worker and
+    images/s, docs/speed.md) but draws a different augmentation stream, so the default keeps one worker and
     the numbers of earlier runs."""
     return min(8, max(1, (os.cpu_count() or 1) // 2))
 
@@ -131,7 +131,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "off: float32 (compare.py's default)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model being trained (first steps take a while to compile; "
-                        "see docs/training.md for where it is faster)")
+                        "see docs/speed.md for where it is faster)")
     return p
 
 

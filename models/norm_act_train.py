@@ -2,7 +2,7 @@
 
 torch trains a Conv -> Norm -> LeakyReLU block's norm and activation as separate ops, each a full pass or two over
 the map, forward and backward. On a CPU those passes are bound by memory bandwidth, not arithmetic, and on a machine
-with little of it they are a large part of the step (docs/training.md#speed). ``csrc/norm_act_train_cpu.cpp`` does
+with little of it they are a large part of the step (docs/speed.md). ``csrc/norm_act_train_cpu.cpp`` does
 the norm and the activation in one forward (a statistics read, then one read and one write) and one backward (one
 read of the output gradient and the input for both reductions, the activation's mask recomputed from the input,
 then one read each and one write of the input gradient): 8 passes over the map instead of torch's 13.

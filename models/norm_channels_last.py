@@ -4,7 +4,7 @@ Why: torch's ``native_group_norm`` makes every non-CPU input NCHW-contiguous (``
 picks ``MemoryFormat::Contiguous`` unless the device is CPU), and its backward does the same with the saved input
 and the incoming gradient. In a channels-last CUDA model that is a layout copy on the way in, NCHW output that the
 next convolution converts back, and the same again in backward; under float16 autocast GroupNorm is also one of
-autocast's float32 ops, so its input is first copied to float32. On an H200 (docs/training.md#cuda) the GN model
+autocast's float32 ops, so its input is first copied to float32. On an H200 (docs/cuda.md) the GN model
 trained at 1.44x BN's step time with torch's kernel.
 
 This path is made of ops that keep the input's layout and dtype: two float32-accumulating reductions over (H, W)

@@ -6,7 +6,7 @@ same large activations every call (the stem output of a batch of 32 at 320 px is
 that memory in again: the kernel maps and zeroes it page by page. Serving everything from the heap and never trimming
 it removes that work; it is what the PyTorch CPU tuning guides get by preloading jemalloc or tcmalloc, done here with
 glibc's own ``mallopt`` so nothing has to be installed. The cost: the process keeps its peak memory until it exits.
-The effect is measured by benchmarks/inference.py and benchmarks/train_speed.py (docs/training.md#speed).
+The effect is measured by benchmarks/inference.py and benchmarks/train_speed.py (docs/speed.md).
 """
 from __future__ import annotations
 

@@ -98,6 +98,17 @@ def commands(opt: argparse.Namespace, out: Path, data_v5: Path, epochs: int, tag
     return {"normyolo": (ours, ROOT, dict(os.environ)), "yolov5": (theirs, Path(opt.yolov5), yolov5_env(out))}
 
 
+KERNELS = ("from models.norm_act_cpu import load_kernel; from models.norm_act_train import load_train_kernel; "
+           "print(load_kernel() is not None, load_train_kernel() is not None)")
+
+
+def build_kernels(out: Path) -> float:
+    """Build (or load) NormYOLO's fused CPU kernels once before any timed run, and return the seconds it took: a
+    first build (about 30 s each on 2 cores) inside the first timed run would add to that run's wall time only and
+    spoil its round's per-epoch difference."""
+    return timed([sys.executable, "-c", KERNELS], ROOT, dict(os.environ), out / "normyolo_kernels.log")
+
+
 def timed(argv: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
     t = time.perf_counter()
     with open(log, "w") as f:
@@ -166,6 +177,7 @@ def print_training(opt: argparse.Namespace, out: Path, coco: Path) -> None:
     names = yaml.safe_load((ROOT / "cfg" / "data" / "coco128.yaml").read_text())["names"]
     yaml.safe_dump({"path": str(copy / "coco128"), "train": "images/train2017", "val": "images/train2017",
                     "nc": len(names), "names": dict(enumerate(names))}, data_v5.open("w"), sort_keys=False)
+    print(f"NormYOLO's CPU kernels built or loaded, untimed: {build_kernels(out):.1f} s", flush=True)
     per_epoch = train_rounds(opt, out, data_v5)
     n = len(list((coco / "images" / "train2017").glob("*.jpg")))
     print(f"\npeer speed: coco128 ({n} images), {opt.img} px, batch {opt.batch_size}, epochs {opt.epochs[0]} vs "

@@ -55,9 +55,12 @@ def _cpu_flags() -> str:
 
 
 def build_name(source: Path = SOURCE) -> str:
-    """Extension name of ``source``: one per (source, torch and Python version, CPU flags), so no stale or foreign
-    build is loaded (with TORCH_EXTENSIONS_DIR set, torch keeps no per-Python subfolder)."""
-    key = source.read_bytes() + f"{torch.__version__}|{sys.version}|{_cpu_flags()}|{CFLAGS}".encode()
+    """Extension name of ``source``: one per (source text and path, torch and Python version, CPU flags), so no
+    stale or foreign build is loaded (with TORCH_EXTENSIONS_DIR set, torch keeps no per-Python subfolder). The path
+    counts because torch's build file names the source by path: two checkouts sharing one build folder would each
+    rebuild it (about 30 s) whenever the other had built last."""
+    setting = f"{source.resolve()}|{torch.__version__}|{sys.version}|{_cpu_flags()}|{CFLAGS}"
+    key = source.read_bytes() + setting.encode()
     h = hashlib.sha256(key).hexdigest()
     return f"normyolo_{source.stem}_{h[:16]}"
 

@@ -186,3 +186,17 @@ def test_switched_off_by_environment(monkeypatch):
     monkeypatch.delitem(nac._state, "kernel", raising=False)
     assert nac.load_kernel() is None
     monkeypatch.delitem(nac._state, "kernel", raising=False)
+
+
+def test_build_name_per_source_text_and_checkout(tmp_path):
+    """The cached build is keyed on the source's text and its path: another checkout (same text, another path)
+    gets its own build folder instead of rebuilding the shared one back and forth; an edited source a new one."""
+    a, b = tmp_path / "a" / "norm_act_cpu.cpp", tmp_path / "b" / "norm_act_cpu.cpp"
+    for f in (a, b):
+        f.parent.mkdir()
+        f.write_bytes(nac.SOURCE.read_bytes())
+    assert nac.build_name(a) == nac.build_name(a) and nac.build_name(a).startswith("normyolo_norm_act_cpu_")
+    assert nac.build_name(a) != nac.build_name(b)
+    name = nac.build_name(a)
+    a.write_text(a.read_text() + "\n// edited\n")
+    assert nac.build_name(a) != name

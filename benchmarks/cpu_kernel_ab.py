@@ -39,7 +39,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def ab(step, pairs: int, warmup: int) -> tuple[list[float], list[float]]:
-    """Seconds per call of ``step(kernel_on)`` for each side, over ``pairs`` alternating pairs after ``warmup``."""
+    """Seconds per call of ``step()`` with the kernel on and with it off, over ``pairs`` pairs after ``warmup``
+    untimed ones; the order inside a pair alternates (on-off, off-on, ...)."""
     from models.norm_act_train import set_train_kernel
 
     on, off = [], []

@@ -4,8 +4,8 @@
     python benchmarks/loss_drift.py --norm gn:C/16 --steps 100
 
 Trains the n model from the same initial weights on the same sequence of real batches (the built-in data with the
-default run's hyp and optimizer at a constant ``--lr`` without warm-up, gradients clipped to norm 10 as in
-training, 320 px, batch 16, loaded once, one optimizer step per batch) three times on CPU:
+default run's hyp and optimizer at a constant ``--lr`` without warm-up, gradients clipped to engine.loop's GRAD_CLIP
+as in training, 320 px, batch 16, loaded once, one optimizer step per batch) three times on CPU:
 torch's ops on 2 threads (the reference), the fused CPU training kernel on 2 threads (models/norm_act_train.py, as
 train.py runs), and torch's ops on 1 thread, which changes only how float sums are split. Prints the loss of each
 run at a few steps, the relative differences to the reference and their root mean square over all steps. Training
@@ -43,6 +43,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def trajectory(opt: argparse.Namespace, batches: list, hyp: dict, nc: int, kernel: bool, threads: int) -> list[float]:
     """Losses of ``len(batches)`` training steps from seed-0 weights, with the kernel on / off and ``threads``."""
+    from engine.loop import GRAD_CLIP
     from engine.optim import build_optimizer
     from models.loss import ComputeLoss
     from models.norm_act_train import set_train_kernel
@@ -60,7 +61,7 @@ def trajectory(opt: argparse.Namespace, batches: list, hyp: dict, nc: int, kerne
         for imgs, targets in batches:
             loss, _ = compute_loss(model(imgs.contiguous(memory_format=torch.channels_last)), targets)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=GRAD_CLIP)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))

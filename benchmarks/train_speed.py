@@ -53,7 +53,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     opt = parse_opt(argv)
     from data.loader import load_data_config
-    from engine.throughput import channels_last_flag, default_data, train_throughput
+    from engine.throughput import default_data
     from utils.general import ConfigError, select_device, setup_logging
     from utils.hyp import load_hyp
 
@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     from engine.accel import set_cpu_threads
     from utils.memory import retain_freed_memory
 
-    from models.norm_act_train import set_train_kernel
     from models.norm_channels_last import set_group_norm_kernel
 
     if opt.workers < 0:
@@ -82,21 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     # (norm, kernel on) per measured entry; "both" puts each norm's torch-ops entry right after it
     kernels = {"on": [True], "off": [False], "both": [True, False]}[opt.cpu_kernels]
     entries = [(n, k) for n in opt.norms for k in kernels]
-    rounds = []
-    for r in range(max(1, opt.rounds)):
-        order = range(len(entries)) if r % 2 == 0 else reversed(range(len(entries)))
-        got = {}
-        for i in order:
-            norm, on = entries[i]
-            set_train_kernel(on)
-            row = train_throughput(norm, opt.cfg, data_cfg, hyp, device, img=opt.img, batch_size=opt.batch_size,
-                                   epochs=opt.epochs, workers=opt.workers, max_batches=opt.max_batches, amp=opt.amp,
-                                   channels_last=channels_last_flag(opt.channels_last), compile=opt.compile,
-                                   fixed_batch=opt.fixed_batch)
-            got[i] = {**row, "norm": norm if on or opt.cpu_kernels == "off" else f"{norm}/torch",
-                      "cpu_kernels": on}
-        rounds.append([got[i] for i in range(len(entries))])
-    set_train_kernel(True)
+    rounds = _measure_rounds(opt, entries, data_cfg, hyp, device)
     _print_setting(opt, data_cfg, hyp, device, rounds[0])
     if len(rounds) == 1:
         _print_table(rounds[0])
@@ -110,17 +95,48 @@ def main(argv: list[str] | None = None) -> int:
                                         "batch": opt.batch_size, "channels_last": opt.channels_last,
                                         "compile": opt.compile, "fixed_batch": opt.fixed_batch,
                                         "cudnn_benchmark": opt.cudnn_benchmark, "gn_kernel": opt.gn_kernel}) + "\n")
+    _print_ratios(opt, entries, rounds)
+    return 0
+
+
+def _measure_rounds(opt: argparse.Namespace, entries: list[tuple[str, bool]], data_cfg: dict, hyp: dict,
+                    device: torch.device) -> list[list[dict]]:
+    """One row per (norm, kernel on) entry per round, in ``entries`` order; every other round runs them reversed."""
+    from engine.throughput import channels_last_flag, train_throughput
+    from models.norm_act_train import set_train_kernel
+
+    rounds = []
+    try:
+        for r in range(max(1, opt.rounds)):
+            order = range(len(entries)) if r % 2 == 0 else reversed(range(len(entries)))
+            got = {}
+            for i in order:
+                norm, on = entries[i]
+                set_train_kernel(on)
+                row = train_throughput(norm, opt.cfg, data_cfg, hyp, device, img=opt.img, batch_size=opt.batch_size,
+                                       epochs=opt.epochs, workers=opt.workers, max_batches=opt.max_batches,
+                                       amp=opt.amp, channels_last=channels_last_flag(opt.channels_last),
+                                       compile=opt.compile, fixed_batch=opt.fixed_batch)
+                got[i] = {**row, "norm": norm if on or opt.cpu_kernels == "off" else f"{norm}/torch",
+                          "cpu_kernels": on}
+            rounds.append([got[i] for i in range(len(entries))])
+    finally:
+        set_train_kernel(True)
+    return rounds
+
+
+def _print_ratios(opt: argparse.Namespace, entries: list[tuple[str, bool]], rounds: list[list[dict]]) -> None:
+    """Each norm's kernel on / off time ratio (``--cpu-kernels both``) and the GN/BN time ratio, medians over rounds."""
+    median = " (median)" if len(rounds) > 1 else ""
     if opt.cpu_kernels == "both":
         for i in range(0, len(entries), 2):
             on_off = statistics.median(rows[i + 1]["images_per_s"] / rows[i]["images_per_s"] for rows in rounds)
-            print(f"{entries[i][0]}: time with the fused CPU kernel / with torch's ops"
-                  f"{' (median)' if len(rounds) > 1 else ''}: {on_off:.3f}")
+            print(f"{entries[i][0]}: time with the fused CPU kernel / with torch's ops{median}: {on_off:.3f}")
     kind = [n.split(":")[0] for n, _ in entries]
     if "bn" in kind and "gn" in kind:
         ib, ig = kind.index("bn"), kind.index("gn")
         gn_bn = statistics.median(rows[ib]["images_per_s"] / rows[ig]["images_per_s"] for rows in rounds)
-        print(f"GN/BN time ratio{' (median)' if len(rounds) > 1 else ''}: {gn_bn:.3f}")
-    return 0
+        print(f"GN/BN time ratio{median}: {gn_bn:.3f}")
 
 
 def _print_setting(opt: argparse.Namespace, data_cfg: dict, hyp: dict, device: torch.device, rows: list[dict]) -> None:

@@ -9,9 +9,9 @@ needs gradients and the map is a channels-last float32 CPU tensor outside tracin
 
 The kernel is compiled with torch.utils.cpp_extension the first time an eligible layer runs (about 30 s on 2 cores;
 a C++ compiler and ninja are needed) and cached under torch's extension directory (``TORCH_EXTENSIONS_DIR``,
-default ``~/.cache/torch_extensions``), keyed by its source, torch's version and the CPU's instruction-set flags.
-If the build fails, one warning says why and the process keeps torch's ops. ``NORMYOLO_CPU_KERNELS=0`` turns it
-off (read at the first eligible call).
+default ``~/.cache/torch_extensions``), keyed by its source's text and path, torch's version and the CPU's
+instruction-set flags (``build_name``). If the build fails, one warning says why and the process keeps torch's
+ops. ``NORMYOLO_CPU_KERNELS=0`` turns it off (read at the first eligible call).
 
 Statistics take one pass: each channel is summed shifted by its value at the image's first pixel and the channels
 combine into their group in double, so a nearly flat map (mean far from zero against its spread) keeps its digits,

@@ -223,68 +223,13 @@ void check_input(const at::Tensor& x, const char* what) {
               what, ": expected a channels-last float32 CPU (N, C, H, W) tensor");
 }
 
-// Parallel over chunks; fn(j, n, r0, r1) for each.
-template <typename F>
-void for_chunks(const Layout& L, F fn) {
-  at::parallel_for(0, L.chunks(), 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      int64_t r0;
-      const int64_t cnt = L.rows(j, &r0);
-      fn(j, j / L.K(), r0, r0 + cnt);
-    }
-  });
-}
-
-}  // namespace
-
-// Forward. x (N, C, H, W) channels-last float32; weight, bias (C,) float32; groups: 0 for BatchNorm, else the
-// GroupNorm group count. Returns (y, a, b, mu, rstd, mean, var): y = leaky(x * a + b) channels-last; a, b, mu, rstd
-// (N, C) float32 per image and channel (scale, shift, the statistics' mean and 1 / std); mean (C,) and unbiased var
-// (C,) of each channel over the batch (BatchNorm's running statistics), empty for GroupNorm.
-std::vector<at::Tensor> norm_act_forward(const at::Tensor& x, const at::Tensor& weight,
-                                            const at::Tensor& bias, int64_t groups, double eps, double slope) {
-  check_input(x, "norm_act_forward");
-  const Layout L{x.size(0), x.size(1), x.size(2) * x.size(3), groups};
-  const int64_t N = L.N, C = L.C, HW = L.HW;
-  TORCH_CHECK(groups >= 0 && (groups == 0 || C % groups == 0), "norm_act_forward: bad group count ", groups);
-  TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.is_contiguous() && bias.is_contiguous() &&
-                  weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
-              "norm_act_forward: expected contiguous float32 weight and bias of ", C, " values");
-  TORCH_CHECK(HW > 0 && N > 0 && (groups > 0 || N * HW > 1), "norm_act_forward: need more than one value per channel");
-  const auto fopt = x.options().memory_format(at::MemoryFormat::Contiguous);
-  auto y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  auto a = at::empty({N, C}, fopt), b = at::empty({N, C}, fopt);
-  auto mu = at::empty({N, C}, fopt), rstd = at::empty({N, C}, fopt);
-  at::Tensor mean, var;
-  const float* X = x.data_ptr<float>();
-  const float* w = weight.data_ptr<float>();
-  const float* bb = bias.data_ptr<float>();
-  const int64_t J = L.chunks(), K = L.K();
-
-  // 1. per chunk: mean and sum of squared deviations of each channel (double)
-  std::vector<double> cmean(J * C), cm2(J * C);
-  for_chunks(L, [&](int64_t j, int64_t n, int64_t r0, int64_t r1) {
-    const float* xn = X + n * HW * C;
-    std::vector<float> k(strip_rows(C) * C);
-    to_strip(xn + ((r0 + r1) / 2) * C, C, k.data());
-    std::vector<double> s1(C, 0.0), s2(C, 0.0);
-    shifted_sums(xn, C, r0, r1, k.data(), s1.data(), s2.data());
-    const double cnt = static_cast<double>(r1 - r0);
-    for (int64_t c = 0; c < C; ++c) {
-      cmean[j * C + c] = k[c] + s1[c] / cnt;
-      cm2[j * C + c] = std::max(0.0, s2[c] - s1[c] * s1[c] / cnt);
-    }
-  });
-
-  // 2. each statistics group from its chunks (parallel-variance formula, in double, in a fixed order)
-  float* A = a.data_ptr<float>();
-  float* B = b.data_ptr<float>();
-  float* MU = mu.data_ptr<float>();
-  float* RS = rstd.data_ptr<float>();
-  if (groups == 0) {
-    mean = at::empty({C}, fopt);
-    var = at::empty({C}, fopt);
-  }
+// Each statistics group's mean and 1 / std from its chunks' means and squared deviations (cmean, cm2: (chunks, C)),
+// by the parallel-variance formula in double in a fixed order, stored per image and channel as the scale A, shift
+// B, MU and RS (N, C); for BatchNorm (L.G == 0) also each channel's mean and unbiased variance (running statistics).
+void group_stats(const Layout& L, const std::vector<double>& cmean, const std::vector<double>& cm2, const float* w,
+                 const float* bb, double eps, float* A, float* B, float* MU, float* RS, float* bn_mean,
+                 float* bn_var) {
+  const int64_t C = L.C, K = L.K();
   for (int64_t q = 0; q < L.groups(); ++q) {
     int64_t n0, n1, c0, c1, r0;
     L.group(q, &n0, &n1, &c0, &c1);
@@ -313,11 +258,145 @@ std::vector<at::Tensor> norm_act_forward(const at::Tensor& x, const at::Tensor& 
         RS[n * C + c] = static_cast<float>(rs);
       }
     }
-    if (groups == 0) {  // BatchNorm's running statistics take the unbiased variance
-      mean.data_ptr<float>()[q] = static_cast<float>(m);
-      var.data_ptr<float>()[q] = static_cast<float>(m2 / std::max(1.0, tot - 1.0));
+    if (L.G == 0) {  // BatchNorm's running statistics take the unbiased variance
+      bn_mean[q] = static_cast<float>(m);
+      bn_var[q] = static_cast<float>(m2 / std::max(1.0, tot - 1.0));
     }
   }
+}
+
+// Chunk sums (chunks, C) added up per image and channel (N, C), chunks in order.
+std::vector<double> per_image(const Layout& L, const std::vector<double>& t) {
+  const int64_t C = L.C, K = L.K();
+  std::vector<double> s(L.N * C, 0.0);
+  for (int64_t j = 0; j < L.chunks(); ++j) {
+    for (int64_t c = 0; c < C; ++c) s[(j / K) * C + c] += t[j * C + c];
+  }
+  return s;
+}
+
+// dweight = sum dz xhat and dbias = sum dz per channel (C,) from the per-image sums s1, s2 (N, C), images in order.
+void param_grads(const Layout& L, const std::vector<double>& s1, const std::vector<double>& s2, const float* RS,
+                 float* dw, float* db) {
+  const int64_t C = L.C;
+  for (int64_t c = 0; c < C; ++c) {
+    double sw = 0.0, sb = 0.0;
+    for (int64_t n = 0; n < L.N; ++n) {
+      sw += s2[n * C + c] * RS[n * C + c];
+      sb += s1[n * C + c];
+    }
+    dw[c] = static_cast<float>(sw);
+    db[c] = static_cast<float>(sb);
+  }
+}
+
+// dx's coefficients per image and channel (double, stored as float) from s1 = sum dz and s2 = sum dz (x - mu) per
+// image and channel; m = the statistics group's value count.
+// BatchNorm (torch's formula): dx = rstd w ((dz - mean dz) - (x - mu) rstd^2 sum(dz (x - mu)) / m), i.e. p = rstd w,
+// m1 = mean dz, k = rstd^2 sum(dz (x - mu)) / m.
+// GroupNorm: dx = rstd (w dz - S1 / m - xhat S2 / m) with S1 = sum w dz and S2 = sum w dz xhat over the group, i.e.
+// p = rstd w, q = -rstd^2 S2 / m, r = -rstd S1 / m.
+struct GradCoefs {
+  std::vector<float> p, m1, k, q, r;
+};
+GradCoefs grad_coefs(const Layout& L, const std::vector<double>& s1, const std::vector<double>& s2, const float* w,
+                     const float* RS) {
+  const int64_t N = L.N, C = L.C;
+  GradCoefs g{std::vector<float>(N * C), std::vector<float>(N * C, 0.f), std::vector<float>(N * C, 0.f),
+              std::vector<float>(N * C, 0.f), std::vector<float>(N * C, 0.f)};
+  for (int64_t q = 0; q < L.groups(); ++q) {
+    int64_t n0, n1, c0, c1;
+    L.group(q, &n0, &n1, &c0, &c1);
+    double S1 = 0.0, S2 = 0.0, sdz = 0.0, dot = 0.0;
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t c = c0; c < c1; ++c) {
+        S1 += w[c] * s1[n * C + c];
+        S2 += w[c] * s2[n * C + c] * RS[n * C + c];
+        sdz += s1[n * C + c];
+        dot += s2[n * C + c];
+      }
+    }
+    const double m = static_cast<double>((n1 - n0) * (c1 - c0) * L.HW);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t i = n * C + c;
+        const double rs = RS[i];
+        g.p[i] = static_cast<float>(rs * w[c]);
+        if (L.G == 0) {
+          g.m1[i] = static_cast<float>(sdz / m);
+          g.k[i] = static_cast<float>(dot * rs * rs / m);
+        } else {
+          g.q[i] = static_cast<float>(-rs * rs * S2 / m);
+          g.r[i] = static_cast<float>(-rs * S1 / m);
+        }
+      }
+    }
+  }
+  return g;
+}
+
+// Parallel over chunks; fn(j, n, r0, r1) for each.
+template <typename F>
+void for_chunks(const Layout& L, F fn) {
+  at::parallel_for(0, L.chunks(), 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      int64_t r0;
+      const int64_t cnt = L.rows(j, &r0);
+      fn(j, j / L.K(), r0, r0 + cnt);
+    }
+  });
+}
+
+}  // namespace
+
+// Forward. x (N, C, H, W) channels-last float32; weight, bias (C,) float32; groups: 0 for BatchNorm, else the
+// GroupNorm group count. Returns (y, a, b, mu, rstd, mean, var): y = leaky(x * a + b) channels-last; a, b, mu, rstd
+// (N, C) float32 per image and channel (scale, shift, the statistics' mean and 1 / std); mean (C,) and unbiased var
+// (C,) of each channel over the batch (BatchNorm's running statistics), empty for GroupNorm.
+std::vector<at::Tensor> norm_act_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                         int64_t groups, double eps, double slope) {
+  check_input(x, "norm_act_forward");
+  const Layout L{x.size(0), x.size(1), x.size(2) * x.size(3), groups};
+  const int64_t N = L.N, C = L.C, HW = L.HW;
+  TORCH_CHECK(groups >= 0 && (groups == 0 || C % groups == 0), "norm_act_forward: bad group count ", groups);
+  TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.is_contiguous() && bias.is_contiguous() &&
+                  weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
+              "norm_act_forward: expected contiguous float32 weight and bias of ", C, " values");
+  TORCH_CHECK(HW > 0 && N > 0 && (groups > 0 || N * HW > 1), "norm_act_forward: need more than one value per channel");
+  const auto fopt = x.options().memory_format(at::MemoryFormat::Contiguous);
+  auto y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  auto a = at::empty({N, C}, fopt), b = at::empty({N, C}, fopt);
+  auto mu = at::empty({N, C}, fopt), rstd = at::empty({N, C}, fopt);
+  at::Tensor mean, var;
+  const float* X = x.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float* bb = bias.data_ptr<float>();
+  const int64_t J = L.chunks();
+
+  // 1. per chunk: mean and sum of squared deviations of each channel (double)
+  std::vector<double> cmean(J * C), cm2(J * C);
+  for_chunks(L, [&](int64_t j, int64_t n, int64_t r0, int64_t r1) {
+    const float* xn = X + n * HW * C;
+    std::vector<float> k(strip_rows(C) * C);
+    to_strip(xn + ((r0 + r1) / 2) * C, C, k.data());
+    std::vector<double> s1(C, 0.0), s2(C, 0.0);
+    shifted_sums(xn, C, r0, r1, k.data(), s1.data(), s2.data());
+    const double cnt = static_cast<double>(r1 - r0);
+    for (int64_t c = 0; c < C; ++c) {
+      cmean[j * C + c] = k[c] + s1[c] / cnt;
+      cm2[j * C + c] = std::max(0.0, s2[c] - s1[c] * s1[c] / cnt);
+    }
+  });
+
+  // 2. each statistics group from its chunks
+  float* A = a.data_ptr<float>();
+  float* B = b.data_ptr<float>();
+  if (groups == 0) {
+    mean = at::empty({C}, fopt);
+    var = at::empty({C}, fopt);
+  }
+  group_stats(L, cmean, cm2, w, bb, eps, A, B, mu.data_ptr<float>(), rstd.data_ptr<float>(),
+              groups == 0 ? mean.data_ptr<float>() : nullptr, groups == 0 ? var.data_ptr<float>() : nullptr);
 
   // 3. y = leaky(x * a + b)
   float* Y = y.data_ptr<float>();
@@ -334,10 +413,9 @@ std::vector<at::Tensor> norm_act_forward(const at::Tensor& x, const at::Tensor& 
 // Backward of norm_act_forward. g: the gradient of y (read in place when channels-last or a channel slice of a wider
 // channels-last tensor, else copied); x, a, b, mu, rstd as saved; weight (C,). Returns (dx channels-last,
 // dweight (C,), dbias (C,)).
-std::vector<at::Tensor> norm_act_backward(const at::Tensor& g_in, const at::Tensor& x,
-                                             const at::Tensor& weight, const at::Tensor& a,
-                                             const at::Tensor& b, const at::Tensor& mu,
-                                             const at::Tensor& rstd, int64_t groups, double slope) {
+std::vector<at::Tensor> norm_act_backward(const at::Tensor& g_in, const at::Tensor& x, const at::Tensor& weight,
+                                          const at::Tensor& a, const at::Tensor& b, const at::Tensor& mu,
+                                          const at::Tensor& rstd, int64_t groups, double slope) {
   check_input(x, "norm_act_backward");
   TORCH_CHECK(g_in.sizes() == x.sizes() && g_in.scalar_type() == at::kFloat, "norm_act_backward: gradient mismatch");
   // g as it comes if its pixels are rows of C contiguous floats at a common stride (channels-last, or a channel
@@ -348,7 +426,7 @@ std::vector<at::Tensor> norm_act_backward(const at::Tensor& g_in, const at::Tens
   const auto g = rows ? g_in : g_in.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t gs = rows ? gs0 : x.size(1);
   const Layout L{x.size(0), x.size(1), x.size(2) * x.size(3), groups};
-  const int64_t N = L.N, C = L.C, HW = L.HW, J = L.chunks(), K = L.K();
+  const int64_t C = L.C, HW = L.HW, J = L.chunks();
   const float* X = x.data_ptr<float>();
   const float* Gd = g.data_ptr<float>();
   const float* A = a.data_ptr<float>();
@@ -369,59 +447,13 @@ std::vector<at::Tensor> norm_act_backward(const at::Tensor& g_in, const at::Tens
     grad_sums(Gd + n * HW * gs, gs, X + n * HW * C, C, r0, r1, as.data(), bs.data(), ms.data(), sl, &t1[j * C],
               &t2[j * C]);
   });
-  // per image and channel
-  std::vector<double> s1(N * C, 0.0), s2(N * C, 0.0);
-  for (int64_t j = 0; j < J; ++j) {
-    const int64_t n = j / K;
-    for (int64_t c = 0; c < C; ++c) {
-      s1[n * C + c] += t1[j * C + c];
-      s2[n * C + c] += t2[j * C + c];
-    }
-  }
+  const std::vector<double> s1 = per_image(L, t1), s2 = per_image(L, t2);
   const auto fopt = x.options().memory_format(at::MemoryFormat::Contiguous);
   auto dw = at::empty({C}, fopt), db = at::empty({C}, fopt);
-  for (int64_t c = 0; c < C; ++c) {  // dweight = sum dz xhat, dbias = sum dz
-    double sw = 0.0, sb = 0.0;
-    for (int64_t n = 0; n < N; ++n) {
-      sw += s2[n * C + c] * RS[n * C + c];
-      sb += s1[n * C + c];
-    }
-    dw.data_ptr<float>()[c] = static_cast<float>(sw);
-    db.data_ptr<float>()[c] = static_cast<float>(sb);
-  }
+  param_grads(L, s1, s2, RS, dw.data_ptr<float>(), db.data_ptr<float>());
 
-  // 2. coefficients per image and channel (double, stored as float), m = the statistics group's value count.
-  // BatchNorm (torch's formula): dx = rstd w ((dz - mean dz) - (x - mu) rstd^2 sum(dz (x - mu)) / m).
-  // GroupNorm: dx = rstd (w dz - S1 / m - xhat S2 / m) with S1 = sum w dz and S2 = sum w dz xhat over the group.
-  std::vector<float> P(N * C), M1(N * C, 0.f), Kk(N * C, 0.f), Q(N * C, 0.f), R(N * C, 0.f);
-  for (int64_t q = 0; q < L.groups(); ++q) {
-    int64_t n0, n1, c0, c1;
-    L.group(q, &n0, &n1, &c0, &c1);
-    double S1 = 0.0, S2 = 0.0, sdz = 0.0, dot = 0.0;
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t c = c0; c < c1; ++c) {
-        S1 += w[c] * s1[n * C + c];
-        S2 += w[c] * s2[n * C + c] * RS[n * C + c];
-        sdz += s1[n * C + c];
-        dot += s2[n * C + c];
-      }
-    }
-    const double m = static_cast<double>((n1 - n0) * (c1 - c0) * HW);
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t i = n * C + c;
-        const double rs = RS[i];
-        P[i] = static_cast<float>(rs * w[c]);
-        if (groups == 0) {
-          M1[i] = static_cast<float>(sdz / m);
-          Kk[i] = static_cast<float>(dot * rs * rs / m);
-        } else {
-          Q[i] = static_cast<float>(-rs * rs * S2 / m);
-          R[i] = static_cast<float>(-rs * S1 / m);
-        }
-      }
-    }
-  }
+  // 2. dx's coefficients per image and channel
+  const GradCoefs k = grad_coefs(L, s1, s2, w, RS);
 
   // 3. dx
   auto dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
@@ -429,9 +461,9 @@ std::vector<at::Tensor> norm_act_backward(const at::Tensor& g_in, const at::Tens
   for_chunks(L, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
     Coefs cf(C);
     const std::pair<const float*, std::vector<float>*> src[] = {
-        {A + n * C, &cf.a}, {B + n * C, &cf.b}, {MU + n * C, &cf.mu}, {P.data() + n * C, &cf.p},
-        {M1.data() + n * C, &cf.m1}, {Kk.data() + n * C, &cf.k}, {Q.data() + n * C, &cf.q},
-        {R.data() + n * C, &cf.r}};
+        {A + n * C, &cf.a}, {B + n * C, &cf.b}, {MU + n * C, &cf.mu}, {k.p.data() + n * C, &cf.p},
+        {k.m1.data() + n * C, &cf.m1}, {k.k.data() + n * C, &cf.k}, {k.q.data() + n * C, &cf.q},
+        {k.r.data() + n * C, &cf.r}};
     for (const auto& [from, to] : src) to_strip(from, C, to->data());
     grad_apply(Gd + n * HW * gs, gs, X + n * HW * C, DX + n * HW * C, C, r0, r1, cf, sl);
   });

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         set_cpu_threads()
         retain_freed_memory()  # as train.py does on CPU (utils/memory.py)
     data_cfg, hyp = load_data_config(opt.data or default_data()), load_hyp(opt.hyp)
-    workers = default_workers() if opt.workers < 0 else opt.workers
+    workers = default_workers(device.type) if opt.workers < 0 else opt.workers
     loader, _ = create_dataloader(data_cfg, "train", opt.img, opt.batch_size, augment=True, hyp=hyp,
                                   workers=workers, seed=0, shuffle=True, cache=opt.cache)
     torch.manual_seed(0)

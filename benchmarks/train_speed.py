@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.norm_channels_last import set_group_norm_kernel
 
     if opt.workers < 0:
-        opt.workers = default_workers()
+        opt.workers = default_workers(device.type)
     torch.backends.cudnn.benchmark = opt.cudnn_benchmark
     set_group_norm_kernel(opt.gn_kernel)
     if device.type == "cpu":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
@@ -137,13 +137,41 @@ def collate_fn(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Per-worker seeding from torch's per-epoch worker seed (deterministic given the loader's generator)."""
+    """Per-worker seeding from torch's worker seed (deterministic given the loader's generator). Workers are
+    persistent, so this runs once per loader, not once per epoch."""
     cv2.setNumThreads(0)  # one decode thread per worker: OpenCV's own pool would oversubscribe the cores
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**32
     random.seed(seed)
     np.random.seed(seed)
     info.dataset.reseed(seed)
+
+
+class InProcessLoader(DataLoader):
+    """``workers=0``: batches built in the calling process, identical to those of one persistent worker.
+
+    A loader with one persistent worker draws a base seed from its generator once, at its first epoch, and the
+    worker reseeds its dataset with it (``worker_init_fn``); later epochs draw only the sampler's permutation.
+    torch's in-process iterator instead draws a new base seed every epoch and never reseeds the dataset, so
+    ``--workers 0`` used to train on other batches than ``--workers 1``. This loader repeats the worker's draws
+    (the dataset's augmentations use only its own RNGs, so the process globals that a worker also seeds are left
+    alone). Where loading competes with training for the same cores, in-process loading is the faster layout
+    (engine.config.default_workers)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, num_workers=0, **kwargs)
+        self._seeded = False
+
+    def __iter__(self) -> Iterator[tuple]:
+        if not self._seeded:  # the draw a multi-process iterator makes before its workers start
+            base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+            self.dataset.reseed(base_seed % 2**32)  # worker 0's seed: base_seed + worker_id
+            self._seeded = True
+        for batch in self.batch_sampler:
+            imgs, targets, *rest = self.collate_fn([self.dataset[i] for i in batch])
+            if self.pin_memory:  # as a worker loader's pinning thread would, for non-blocking copies to the GPU
+                imgs, targets = imgs.pin_memory(), targets.pin_memory()
+            yield (imgs, targets, *rest)
 
 
 def create_dataloader(data_cfg: dict[str, Any] | str | Path, split: str, img_size: int, batch_size: int, *,
@@ -176,8 +204,9 @@ def build_loader(ds: DetectionDataset, batch_size: int, *, workers: int = 0, see
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     gen = torch.Generator()
     gen.manual_seed(seed + max(rank, 0))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                        num_workers=workers, collate_fn=collate_fn, worker_init_fn=worker_init_fn if workers else None,
-                        generator=gen, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers else None)
-    return loader
+    common = dict(batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                  collate_fn=collate_fn, generator=gen, pin_memory=torch.cuda.is_available())
+    if workers == 0:
+        return InProcessLoader(ds, **common)
+    return DataLoader(ds, num_workers=workers, worker_init_fn=worker_init_fn, persistent_workers=True,
+                      prefetch_factor=4, **common)

@@ -21,12 +21,18 @@ DEFAULT_CFG = str(ROOT / "cfg" / "models" / "yolo-n-bn.yaml")
 DEFAULT_HYP = str(ROOT / "cfg" / "hyp" / "synthetic.yaml")
 
 
-def default_workers() -> int:
-    """Loader worker processes for ``--workers -1`` (auto): half the cores, 1 to 8 (on 2 cores: 1). Loading in the
-    training process instead (``--workers 0``) measured 3.5 % faster on 2 cores with the RAM cache (32.1 vs 31.0
-    images/s, docs/speed.md) but draws a different augmentation stream, so the default keeps one worker and
-    the numbers of earlier runs."""
-    return min(8, max(1, (os.cpu_count() or 1) // 2))
+def default_workers(device_type: str = "cpu") -> int:
+    """Loader worker processes for ``--workers -1`` (auto). CPU training with at most 2 cores per process: none,
+    the batches are built in the training process (``data.loader.InProcessLoader``: the same batches as one
+    worker). A worker there takes time slices from the 2 training threads, which then wait for each other: on
+    a 2-core AVX2 CPU in-process loading gave 9-15 % more training images/s from the RAM cache and 2-11 % more
+    decoding coco128's JPEGs (docs/speed.md). Otherwise (a GPU, or more cores): half the cores, 1 to 8, so
+    loading overlaps the step."""
+    cores = os.cpu_count() or 1
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if device_type == "cpu" and per_process <= 2:
+        return 0
+    return min(8, max(1, cores // 2))
 
 
 def resolve_cache(flag: str | None, data_cfg: dict[str, Any]) -> bool:

@@ -124,7 +124,7 @@ def setup(cfg: TrainConfig) -> tuple[TrainConfig, DistEnv, torch.device]:
         set_cpu_threads()
         retain_freed_memory()  # large activations are reused instead of page-faulted in again every step
     if cfg.workers < 0:
-        cfg = replace(cfg, workers=default_workers())
+        cfg = replace(cfg, workers=default_workers(device.type))
     if env.world_size > 1:
         if cfg.batch_size % env.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size}: must be a multiple of the {env.world_size} processes")

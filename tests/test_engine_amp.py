@@ -115,12 +115,16 @@ def test_optimizer_step_skips_nonfinite_gradients_without_a_scaler() -> None:
     assert not torch.equal(model.weight.detach(), before)
 
 
-@pytest.mark.parametrize("cores,expected", [(2, 1), (1, 1), (4, 2), (32, 8)])
-def test_default_workers(monkeypatch: pytest.MonkeyPatch, cores: int, expected: int) -> None:
+@pytest.mark.parametrize("device,cores,local_world,expected", [
+    ("cpu", 2, 1, 0), ("cpu", 1, 1, 0), ("cpu", 4, 1, 2), ("cpu", 4, 2, 0), ("cpu", 32, 1, 8),
+    ("cuda", 2, 1, 1), ("cuda", 1, 1, 1), ("cuda", 4, 1, 2), ("cuda", 32, 4, 8)])
+def test_default_workers(monkeypatch: pytest.MonkeyPatch, device: str, cores: int, local_world: int,
+                         expected: int) -> None:
     from engine.config import default_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: cores)
-    assert default_workers() == expected
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    assert default_workers(device) == expected
 
 
 def test_cache_default_comes_from_the_data_yaml_and_the_flag_wins(tmp_path) -> None:

@@ -106,3 +106,37 @@ def test_file_broken_after_scan_never_crashes_a_worker(tmp_path, coco128_dir):
         assert n == 128
         for r in ds.records[:20]:
             shutil.copy(coco128_dir / "images" / "train2017" / r.im_file.split("/")[-1], r.im_file)
+
+
+@pytest.fixture(scope="module")
+def syn_train_yaml(tmp_path_factory):
+    """12 training images of the built-in synthetic dataset (generated into a temporary folder)."""
+    root = tmp_path_factory.mktemp("syn_train")
+    y = root / "syn.yaml"
+    y.write_text(f"path: {root / 'data'}\nformat: coco\ntrain: annotations/instances_train.json\n"
+                 "train_images: images/train\nval: annotations/instances_val.json\nval_images: images/val\n"
+                 "synthetic: {seed: 0, train: 12, val: 1}\nnc: 10\nnames: [a, b, c, d, e, f, g, h, i, j]\n")
+    return y
+
+
+def test_in_process_loading_draws_one_workers_batches(syn_train_yaml):
+    """--workers 0 trains on exactly the batches of --workers 1 (persistent worker): two epochs with mosaic, then
+    a loader rebuilt over the same dataset without mosaic, as close_mosaic does."""
+    from data.loader import InProcessLoader, build_loader
+
+    def epochs(workers):
+        loader, ds = create_dataloader(syn_train_yaml, "train", 128, 4, augment=True, workers=workers, seed=7,
+                                       cache=True)
+        out = [[b for b in loader] for _ in range(2)]
+        ds.set_mosaic(0.0)
+        out.append(list(build_loader(ds, 4, workers=workers, seed=7, shuffle=True)))
+        return type(loader), out
+
+    kind0, in_process = epochs(0)
+    kind1, worker = epochs(1)
+    assert kind0 is InProcessLoader and kind1 is not InProcessLoader
+    for e0, e1 in zip(in_process, worker):
+        assert len(e0) == len(e1) == 3
+        for (i0, t0, p0, _), (i1, t1, p1, _) in zip(e0, e1):
+            assert p0 == p1 and torch.equal(i0, i1) and torch.equal(t0, t1)
+    assert not torch.equal(in_process[0][0][0], in_process[1][0][0])  # each epoch reshuffles and re-augments

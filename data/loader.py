@@ -155,7 +155,9 @@ class InProcessLoader(DataLoader):
     torch's in-process iterator instead draws a new base seed every epoch and never reseeds the dataset, so
     ``--workers 0`` used to train on other batches than ``--workers 1``. This loader repeats the worker's draws
     (the dataset's augmentations use only its own RNGs, so the process globals that a worker also seeds are left
-    alone). Where loading competes with training for the same cores, in-process loading is the faster layout
+    alone). The equality holds for epochs read to their end (training reads them so): a worker augments a few
+    batches ahead, so an epoch abandoned early leaves its dataset RNG further on than this loader's. Where loading
+    competes with training for the same cores, in-process loading is the faster layout
     (engine.config.default_workers)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -163,10 +165,13 @@ class InProcessLoader(DataLoader):
         self._seeded = False
 
     def __iter__(self) -> Iterator[tuple]:
-        if not self._seeded:  # the draw a multi-process iterator makes before its workers start
+        if not self._seeded:  # the draw a multi-process iterator makes when it is created, before its workers start
             base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
             self.dataset.reseed(base_seed % 2**32)  # worker 0's seed: base_seed + worker_id
             self._seeded = True
+        return self._batches()
+
+    def _batches(self) -> Iterator[tuple]:
         for batch in self.batch_sampler:
             imgs, targets, *rest = self.collate_fn([self.dataset[i] for i in batch])
             if self.pin_memory:  # as a worker loader's pinning thread would, for non-blocking copies to the GPU

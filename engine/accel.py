@@ -24,12 +24,16 @@ from utils.general import ConfigError
 CHANNELS_LAST_DEVICES = ("cpu", "cuda")  # where NHWC training was measured faster (above)
 
 
+def cores_per_process() -> int:
+    """The cores this process owns: all of them, shared evenly between torchrun's LOCAL_WORLD_SIZE processes."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def set_cpu_threads() -> None:
     """One intra-op thread per core this process owns, unless OMP_NUM_THREADS says otherwise (torchrun sets it
     to 1 for several processes; raise it so that processes x threads = cores)."""
     if "OMP_NUM_THREADS" not in os.environ:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(cores_per_process())
 
 
 def train_channels_last(device: torch.device, override: bool | None = None) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from engine.accel import cores_per_process
 from engine.amp import AMP_MODES
 from engine.checkpoint import load_checkpoint
 from engine.optim import NOMINAL_BATCH
@@ -28,11 +29,9 @@ def default_workers(device_type: str = "cpu") -> int:
     a 2-core AVX2 CPU in-process loading gave 9-15 % more training images/s from the RAM cache and 2-11 % more
     decoding coco128's JPEGs (docs/speed.md). Otherwise (a GPU, or more cores): half the cores, 1 to 8, so
     loading overlaps the step."""
-    cores = os.cpu_count() or 1
-    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    if device_type == "cpu" and per_process <= 2:
+    if device_type == "cpu" and cores_per_process() <= 2:
         return 0
-    return min(8, max(1, cores // 2))
+    return min(8, max(1, (os.cpu_count() or 1) // 2))
 
 
 def resolve_cache(flag: str | None, data_cfg: dict[str, Any]) -> bool:

@@ -1,16 +1,17 @@
 """Mixed precision for training: which autocast dtype ``--amp auto|on|off`` means on a device.
 
-CUDA: float16 autocast with a ``GradScaler`` (YOLOv5's AMP); ``auto`` turns it on. CPU: bfloat16 autocast, which
-needs no loss scaling (bfloat16 has float32's exponent range) and runs the convolutions on oneDNN's bfloat16 kernels.
-``auto`` turns it on where the CPU computes bfloat16 in hardware (AMX or AVX512-BF16), where it trains about 1.5x
-faster; elsewhere bfloat16 is emulated and slower, so ``auto`` keeps float32 there (``on`` forces bfloat16).
+CUDA: float16 autocast with a ``GradScaler`` (YOLOv5's AMP); ``auto`` turns it on. CPU: ``auto`` trains in float32,
+as YOLOv5, detectron2 and mmdetection do there; ``on`` asks for bfloat16 autocast (no loss scaling needed: bfloat16
+has float32's exponent range), which runs the convolutions on oneDNN's bfloat16 kernels.
 
-Why that is an acceptable default (docs/training.md#precision-on-cpu): on the default run, the per-epoch mAP moved
-by bfloat16 stays inside what float32 itself moves when only the thread count (summation order) changes, and the
-final mAP50-95 was the same (0.492 / 0.488 vs 0.489 / 0.491; mAP50 0.750 / 0.748 vs 0.771 / 0.760). It is not
-neutral between norms at initialisation (the BN model's gradient has cosine 0.24 with the float64 gradient, GN's
-0.93: tests/test_engine_amp.py), so the BN-vs-GN study pins float32 on CPU (study/config.py). Weights, optimizer
-state, EMA, the loss and validation stay float32 either way.
+Why float32 is the CPU default (docs/training.md#precision-on-cpu): bfloat16 costs BatchNorm models accuracy. At
+initialisation the BN model's whole-model gradient has cosine 0.23-0.24 with the float64 gradient under bfloat16
+(GN C/16: 0.93-0.94; tests/test_engine_amp.py), in the conv weights in front of every BN layer, and computing the
+norms in float32 does not repair it (the gradient reaching them is already rounded). On the default run it ended
+at mAP50 0.698 on one AMX machine (float32 there: 0.710) and 0.750-0.755 on another (float32: 0.771). Where a CPU
+computes bfloat16 in hardware (AMX or AVX512-BF16; ``cpu_has_native_bf16``) ``on`` trains about 1.3x faster; on
+other CPUs bfloat16 is emulated and slower. Weights, optimizer state, EMA, the loss and validation stay float32
+either way.
 """
 from __future__ import annotations
 
@@ -38,4 +39,11 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
         return None
     if device.type == "cuda":
         return torch.float16
-    return torch.bfloat16 if mode == "on" or cpu_has_native_bf16() else None
+    return torch.bfloat16 if mode == "on" else None
+
+
+def amp_note(mode: str, device: torch.device) -> str | None:
+    """A one-line hint for the training log where ``--amp`` is likely not what the user wants, else None."""
+    if device.type == "cpu" and mode == "on" and not cpu_has_native_bf16():
+        return "--amp on: this CPU has no bfloat16 hardware (AMX / AVX512-BF16); bfloat16 is emulated and slower"
+    return None

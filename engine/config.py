@@ -131,9 +131,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
                    help="write no TensorBoard event files (written to the run folder when tensorboard is installed)")
     p.add_argument("--amp", default=d.amp, choices=AMP_MODES,
-                   help="mixed precision. auto: float16 + GradScaler on CUDA, bfloat16 autocast on CPUs with "
-                        "bfloat16 hardware (AMX / AVX512-BF16), float32 on other CPUs; on: bfloat16 on any CPU; "
-                        "off: float32 (compare.py's default)")
+                   help="mixed precision. auto: float16 + GradScaler on CUDA, float32 on CPU; on: float16 on CUDA, "
+                        "bfloat16 autocast on CPU (about 1.3x faster with AMX / AVX512-BF16, costs BN models "
+                        "accuracy: docs/training.md); off: float32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model being trained (first steps take a while to compile; "
                         "see docs/speed.md for where it is faster)")

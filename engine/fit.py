@@ -16,7 +16,7 @@ import yaml
 
 from data.loader import build_loader, create_dataloader, load_data_config
 from engine.accel import check_compile, compile_model, set_cpu_threads, train_channels_last
-from engine.amp import autocast_dtype
+from engine.amp import amp_note, autocast_dtype
 from engine.autoanchor import check_anchors
 from engine.backends import feeds_channels_last
 from engine.checkpoint import all_finite, load_checkpoint, model_state, save_checkpoint
@@ -94,7 +94,7 @@ class Run:
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        """The training autocast dtype (engine.amp): float16 on CUDA, bfloat16 on a bf16 CPU, None = float32."""
+        """The training autocast dtype (engine.amp): float16 on CUDA, bfloat16 on CPU with --amp on, None = float32."""
         return autocast_dtype(self.cfg.amp, self.device)
 
     @property
@@ -254,6 +254,8 @@ def build_writers(run: Run) -> int:
                     f"(accumulate {run.schedule.max_accumulate} to nominal {cfg.nbs}), {cfg.img} px, {run.device} x "
                     f"{run.env.world_size} process(es), amp {str(run.amp_dtype).replace('torch.', '')}, "
                     f"{cfg.workers} loader workers, {cfg.epochs} epochs -> {cfg.save_dir}")
+        if note := amp_note(cfg.amp, run.device):
+            LOGGER.warning(note)
     return params
 
 

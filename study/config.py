@@ -160,10 +160,10 @@ def cell_settings(config: StudyConfig, cell: Cell, runs_dir: Path) -> dict[str, 
 
 
 def study_defaults(device: str) -> dict[str, Any]:
-    """TrainConfig fields a study sets unless --train-args does. On CPU float32 (``--amp off``): train.py's
-    ``--amp auto`` picks bfloat16 on CPUs with bfloat16 hardware, which perturbs BN's gradients far more than GN's at
-    initialisation (engine/amp.py), so it would not be neutral between the arms, and a study's numbers would depend
-    on the CPU model. On CUDA train.py's own ``auto`` (float16 with a GradScaler, as YOLOv5 trains)."""
+    """TrainConfig fields a study sets unless --train-args does. On CPU float32, pinned (``--amp off``, which is
+    also what train.py's ``auto`` means there): bfloat16 (``--amp on``) perturbs BN's gradients far more than GN's
+    at initialisation (engine/amp.py), so it would not be neutral between the arms, and a study's numbers would
+    depend on the CPU model. On CUDA train.py's own ``auto`` (float16 with a GradScaler, as YOLOv5 trains)."""
     return {"amp": "off"} if selects_cpu(device) else {}
 
 

@@ -217,7 +217,7 @@ def test_cell_config_holds_the_cell_and_fixed_settings(tmp_path: Path) -> None:
     assert (tc.project, tc.workers, tc.device, tc.epochs, tc.img) == (str(tmp_path), 0, "cpu", 1, 64)
     tc16 = study.cell_config(_config(nbs=16), study.Cell("bn", 2, 0), tmp_path)
     assert tc16.nbs == 16 and tc16.hyp == DEFAULT_HYP and tc16.cos_lr is False
-    # float32 on CPU unless asked: train.py's --amp auto would pick bfloat16 on a bf16 CPU, which is not norm-neutral
+    # float32 on CPU unless asked, pinned: bfloat16 (--amp on) is not norm-neutral, whatever train.py's auto means
     assert tc.amp == "off" and TrainConfig().amp == "auto"
     cpu_amp = study.cell_config(_config(device="cpu", train_args=["--amp", "on"]), study.Cell("bn", 2, 0), tmp_path)
     assert cpu_amp.amp == "on"  # --train-args may change it

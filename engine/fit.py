@@ -250,9 +250,10 @@ def build_writers(run: Run) -> int:
     run.tb = open_tensorboard(cfg.save_dir, run.names, cfg.tensorboard) if run.main else None
     params = sum(p.numel() for p in de_parallel(run.model).parameters())
     if run.main:
+        amp = str(run.amp_dtype).replace("torch.", "") if run.amp else "off (float32)"
         LOGGER.info(f"{params:,} parameters; {len(run.train_set)} train images, batch {cfg.batch_size} "
                     f"(accumulate {run.schedule.max_accumulate} to nominal {cfg.nbs}), {cfg.img} px, {run.device} x "
-                    f"{run.env.world_size} process(es), amp {str(run.amp_dtype).replace('torch.', '')}, "
+                    f"{run.env.world_size} process(es), amp {amp}, "
                     f"{cfg.workers} loader workers, {cfg.epochs} epochs -> {cfg.save_dir}")
         if note := amp_note(cfg.amp, run.device):
             LOGGER.warning(note)

@@ -327,7 +327,7 @@ def test_syncbn_cells_run_as_torchrun_jobs(tiny_data: Path, tmp_path: Path) -> N
     assert [(r["norm"], r["batch_size"], r["status"]) for r in rows] == [("syncbn", 2, "ok")]
     assert 0.0 <= rows[0]["mAP50-95"] <= rows[0]["mAP50"] <= 1.0 and rows[0]["infer_ms_per_img"] > 0
     log = (save_dir / "runs" / "syncbn-b2-s0.torchrun.log").read_text()
-    assert "cpu x 2 process(es), amp None" in log, log[-2000:]
+    assert "cpu x 2 process(es), amp off (float32)" in log, log[-2000:]
     opt = (save_dir / "runs" / "syncbn-b2-s0" / "opt.yaml").read_text()
     assert "batch_size: 4" in opt and "norm: syncbn" in opt  # 2 processes x 2 images
 

@@ -6,12 +6,12 @@ has float32's exponent range), which runs the convolutions on oneDNN's bfloat16 
 
 Why float32 is the CPU default (docs/training.md#precision-on-cpu): bfloat16 costs BatchNorm models accuracy. At
 initialisation the BN model's whole-model gradient has cosine 0.23-0.24 with the float64 gradient under bfloat16
-(GN C/16: 0.93-0.94; tests/test_engine_amp.py), in the conv weights in front of every BN layer, and computing the
-norms in float32 does not repair it (the gradient reaching them is already rounded). On the default run it ended
-at mAP50 0.698 on one AMX machine (float32 there: 0.710) and 0.750-0.755 on another (float32: 0.771). Where a CPU
-computes bfloat16 in hardware (AMX or AVX512-BF16; ``cpu_has_native_bf16``) ``on`` trains about 1.3x faster; on
-other CPUs bfloat16 is emulated and slower. Weights, optimizer state, EMA, the loss and validation stay float32
-either way.
+(GN C/16: 0.93-0.94; tests/test_engine_amp.py, benchmarks/bf16_gradient.py), in the conv weights in front of every
+BN layer, and computing the norms in float32 does not repair it (the gradient reaching them is already rounded).
+On the default run it ended at mAP50 0.698 on one AMX machine (float32 there: 0.710) and 0.750-0.755 on another
+(float32: 0.771). Where a CPU computes bfloat16 in hardware (AMX or AVX512-BF16; ``cpu_has_native_bf16``) ``on``
+trains about 1.3x faster; on other CPUs bfloat16 is emulated and slower. Weights, optimizer state, EMA, the loss and
+validation stay float32 either way.
 """
 from __future__ import annotations
 

@@ -4,9 +4,11 @@
     python benchmarks/bf16_gradient.py --norms bn --top 25   # also the 25 largest gradient tensors
 
 Builds the n model from one seed, one loss on one random batch with three boxes, and compares the whole-model
-gradient of three runs against float64 (cosine similarity): float32, bfloat16 autocast as ``--amp on`` trains
-(channels-last, as on CPU), and bfloat16 autocast with every norm layer's input cast back to float32, so that the
-norms and activations run in float32 on the bfloat16 conv outputs. ``--top N`` also prints, for the N tensors
+gradient of four runs against float64 (cosine similarity): float32 as train.py runs it on CPU (channels-last, norm +
+activation in the fused training kernel of models/norm_act_train.py), float32 with torch's norm and activation ops
+instead (``NORMYOLO_CPU_KERNELS=0``), bfloat16 autocast as ``--amp on`` trains, and bfloat16 autocast with every norm
+layer's input cast back to float32, so that the norms and activations run in float32 on the bfloat16 conv outputs.
+The two float32 columns also print the relative error ||g - g64|| / ||g64||. ``--top N`` also prints, for the N tensors
 with the largest float64 gradients, their share of the squared gradient norm and their cosine under bfloat16.
 docs/training.md#precision-on-cpu quotes its output.
 """
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODES = ("fp32", "bf16", "bf16 + fp32 norms")
+MODES = ("fp32", "fp32 torch ops", "bf16", "bf16 + fp32 norms")
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +42,7 @@ def gradients(opt: argparse.Namespace, norm: str, mode: str, x: torch.Tensor,
               targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """{parameter name: float64 flat gradient} of one loss; mode 'fp64' or one of MODES."""
     from models.loss import ComputeLoss
+    from models.norm_act_train import set_train_kernel
     from models.yolo import Model
     from utils.general import load_yaml
 
@@ -53,14 +56,23 @@ def gradients(opt: argparse.Namespace, norm: str, mode: str, x: torch.Tensor,
         for m in model.modules():
             if m.__class__.__name__ == "Conv" and not isinstance(m.norm, torch.nn.Identity):
                 m.norm.register_forward_pre_hook(lambda _m, args: (args[0].float(),))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.startswith("bf16")):
-        loss, _ = ComputeLoss(model, load_yaml(opt.hyp), opt.img)(model(x), targets)
-    loss.backward()
+    set_train_kernel(mode != "fp32 torch ops")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.startswith("bf16")):
+            loss, _ = ComputeLoss(model, load_yaml(opt.hyp), opt.img)(model(x), targets)
+        loss.backward()
+    finally:
+        set_train_kernel(True)
     return {n: p.grad.double().flatten() for n, p in model.named_parameters()}
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, 0))
+
+
+def rel_error(ref: torch.Tensor, g: torch.Tensor) -> float:
+    """||g - ref|| / ||ref||."""
+    return float((g - ref).norm() / ref.norm())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,13 +81,17 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.rand(opt.batch_size, 3, opt.img, opt.img)
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3], [2, 0, 0.3, 0.6, 0.2, 0.4], [3, 1, 0.4, 0.4, 0.2, 0.1]])
     print(f"gradient cosine vs float64 at initialisation: {Path(opt.cfg).name}, {opt.img} px, batch {opt.batch_size}")
-    print("| norm | " + " | ".join(MODES) + " |\n|---|" + "---:|" * len(MODES))
+    fp32 = [m for m in MODES if m.startswith("fp32")]
+    cols = list(MODES) + [f"{m} rel. error" for m in fp32]
+    print("| norm | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols))
     for norm in opt.norms:
         ref = gradients(opt, norm, "fp64", x, targets)
         runs = {mode: gradients(opt, norm, mode, x, targets) for mode in MODES}
         flat = {mode: torch.cat(list(g.values())) for mode, g in runs.items()}
         ref_flat = torch.cat(list(ref.values()))
-        print(f"| {norm} | " + " | ".join(f"{cosine(ref_flat, flat[m]):.3f}" for m in MODES) + " |")
+        cells = ([f"{cosine(ref_flat, flat[m]):.4f}" for m in MODES]
+                 + [f"{rel_error(ref_flat, flat[m]):.2e}" for m in fp32])
+        print(f"| {norm} | " + " | ".join(cells) + " |")
         if opt.top:
             total = float(ref_flat.square().sum())
             for name in sorted(ref, key=lambda n: -float(ref[n].norm()))[:opt.top]:

@@ -38,13 +38,13 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def gradients(opt: argparse.Namespace, norm: str, mode: str, x: torch.Tensor,
+def gradients(opt: argparse.Namespace, hyp: dict, norm: str, mode: str, x: torch.Tensor,
               targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """{parameter name: float64 flat gradient} of one loss; mode 'fp64' or one of MODES."""
+    from models.common import Conv
     from models.loss import ComputeLoss
     from models.norm_act_train import set_train_kernel
     from models.yolo import Model
-    from utils.general import load_yaml
 
     torch.manual_seed(0)
     model = Model(opt.cfg, nc=4, norm=norm)
@@ -54,12 +54,12 @@ def gradients(opt: argparse.Namespace, norm: str, mode: str, x: torch.Tensor,
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     if mode == "bf16 + fp32 norms":
         for m in model.modules():
-            if m.__class__.__name__ == "Conv" and not isinstance(m.norm, torch.nn.Identity):
+            if isinstance(m, Conv) and not isinstance(m.norm, torch.nn.Identity):
                 m.norm.register_forward_pre_hook(lambda _m, args: (args[0].float(),))
     set_train_kernel(mode != "fp32 torch ops")
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.startswith("bf16")):
-            loss, _ = ComputeLoss(model, load_yaml(opt.hyp), opt.img)(model(x), targets)
+            loss, _ = ComputeLoss(model, hyp, opt.img)(model(x), targets)
         loss.backward()
     finally:
         set_train_kernel(True)
@@ -76,7 +76,10 @@ def rel_error(ref: torch.Tensor, g: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from utils.hyp import load_hyp
+
     opt = parse_opt(argv)
+    hyp = load_hyp(opt.hyp)
     torch.manual_seed(1)
     x = torch.rand(opt.batch_size, 3, opt.img, opt.img)
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3], [2, 0, 0.3, 0.6, 0.2, 0.4], [3, 1, 0.4, 0.4, 0.2, 0.1]])
@@ -85,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     cols = list(MODES) + [f"{m} rel. error" for m in fp32]
     print("| norm | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols))
     for norm in opt.norms:
-        ref = gradients(opt, norm, "fp64", x, targets)
-        runs = {mode: gradients(opt, norm, mode, x, targets) for mode in MODES}
+        ref = gradients(opt, hyp, norm, "fp64", x, targets)
+        runs = {mode: gradients(opt, hyp, norm, mode, x, targets) for mode in MODES}
         flat = {mode: torch.cat(list(g.values())) for mode, g in runs.items()}
         ref_flat = torch.cat(list(ref.values()))
         cells = ([f"{cosine(ref_flat, flat[m]):.4f}" for m in MODES]

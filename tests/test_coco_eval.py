@@ -156,3 +156,20 @@ def test_confusion_matrix_counts():
                          [0, 0, 1],   # predicted b
                          [1, 0, 0]])  # background: the missed a
     np.testing.assert_array_equal(cm, expected)
+
+
+def test_results_object_matches_loadres_without_the_polygons():
+    # run_cocoeval builds the detections' COCO object itself (no copies for loadRes to edit, no segmentation
+    # polygons, which bbox evaluation never reads): every other field must be what loadRes writes
+    from utils.coco_eval import _load_results, load_coco_gt
+
+    gt = make_gt([(1, 1, [10, 10, 40, 30]), (2, 3, [50, 20, 60, 50])])
+    results = [res(1, 1, [10.5, 10, 40, 30.25], 0.9), res(2, 3, [50, 20, 60, 50], 0.4), res(3, 1, [1, 2, 3, 4], 0.1)]
+    ours = _load_results(load_coco_gt(gt), results)
+    theirs = load_coco_gt(gt).loadRes([dict(r) for r in results])
+    assert sorted(ours.anns) == sorted(theirs.anns) == [1, 2, 3]
+    for i, ann in theirs.anns.items():
+        assert ours.anns[i] == {k: v for k, v in ann.items() if k != "segmentation"}
+    assert ours.anns[1]["area"] == 40 * 30.25 and ours.anns[3]["iscrowd"] == 0
+    assert ours.getImgIds() == theirs.getImgIds() and ours.getCatIds() == theirs.getCatIds()
+    assert "area" not in results[0]  # the caller's dicts are not edited

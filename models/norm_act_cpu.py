@@ -7,7 +7,7 @@ while it is in cache (``benchmarks/inference.py`` measures the gain). It serves 
 needs gradients and the map is a channels-last float32 CPU tensor outside tracing and compiling; every other case
 (training, bfloat16, CUDA, export, SiLU, modules with forward hooks) runs torch's ops as before.
 
-The kernel is compiled with torch.utils.cpp_extension the first time an eligible layer runs (about 30 s on 2 cores;
+The kernel is compiled with torch.utils.cpp_extension the first time an eligible layer runs (11-12 s on a 2-core Xeon;
 a C++ compiler and ninja are needed) and cached under torch's extension directory (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``), keyed by its source's text and path, torch's version and the CPU's
 instruction-set flags (``build_name``). If the build fails, one warning says why and the process keeps torch's
@@ -58,7 +58,7 @@ def build_name(source: Path = SOURCE) -> str:
     """Extension name of ``source``: one per (source text and path, torch and Python version, CPU flags), so no
     stale or foreign build is loaded (with TORCH_EXTENSIONS_DIR set, torch keeps no per-Python subfolder). The path
     counts because torch's build file names the source by path: two checkouts sharing one build folder would each
-    rebuild it (about 30 s) whenever the other had built last."""
+    rebuild it (11-12 s) whenever the other had built last."""
     setting = f"{source.resolve()}|{torch.__version__}|{sys.version}|{_cpu_flags()}|{CFLAGS}"
     key = source.read_bytes() + setting.encode()
     h = hashlib.sha256(key).hexdigest()
@@ -93,7 +93,7 @@ def load_source(source: Path, key: str, what: str) -> ModuleType | None:
     if os.environ.get("NORMYOLO_CPU_KERNELS", "1") != "0":
         try:
             load = _import_cpp_extension_load()
-            LOGGER.info(f"{source.stem}: loading the {what} (its first build on a machine takes about 30 s)")
+            LOGGER.info(f"{source.stem}: loading the {what} (its first build on a machine takes 10-30 s)")
             kernel = load(build_name(source), [str(source)], extra_cflags=CFLAGS, verbose=False)
         except Exception as e:  # no compiler / ninja, or a platform the flags do not suit: torch's ops instead
             LOGGER.warning(f"{source.stem}: kernel build failed, using torch's ops ({type(e).__name__}: "

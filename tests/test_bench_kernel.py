@@ -43,7 +43,9 @@ def test_cpu_kernel_ab_prints_a_row_per_norm(syn_yaml, capsys: pytest.CaptureFix
             "--batch-size", "2"]
     assert script.main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| (bn|in) \|", line)]
-    assert len(rows) == 2 and all(re.search(r"\| \d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\) \|$", r) for r in rows)
+    # median (quartile range) of the on / off ratios; with no warm-up on a busy machine one ratio can exceed 10
+    ratio = r"\d+\.\d{3}"
+    assert len(rows) == 2 and all(re.search(rf"\| {ratio} \({ratio}-{ratio}\) \|$", r) for r in rows)
 
 
 def test_cpu_kernel_ab_quartiles_stay_inside_the_data() -> None:

@@ -7,11 +7,11 @@ while it is in cache (``benchmarks/inference.py`` measures the gain). It serves 
 needs gradients and the map is a channels-last float32 CPU tensor outside tracing and compiling; every other case
 (training, bfloat16, CUDA, export, SiLU, modules with forward hooks) runs torch's ops as before.
 
-The kernel is compiled with torch.utils.cpp_extension the first time an eligible layer runs (11-12 s on a 2-core Xeon;
-a C++ compiler and ninja are needed) and cached under torch's extension directory (``TORCH_EXTENSIONS_DIR``,
-default ``~/.cache/torch_extensions``), keyed by its source's text and path, torch's version and the CPU's
-instruction-set flags (``build_name``). If the build fails, one warning says why and the process keeps torch's
-ops. ``NORMYOLO_CPU_KERNELS=0`` turns it off (read at the first eligible call).
+The kernel is compiled with torch.utils.cpp_extension the first time an eligible layer runs (9-12 s on a 2-core Xeon
+by benchmarks/kernel_build.py; a C++ compiler and ninja are needed) and cached under torch's extension directory
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), keyed by its source's text and path, torch's
+version and the CPU's instruction-set flags (``build_name``). If the build fails, one warning says why and the
+process keeps torch's ops. ``NORMYOLO_CPU_KERNELS=0`` turns it off (read at the first eligible call).
 
 Statistics take one pass: each channel is summed shifted by its value at the image's first pixel and the channels
 combine into their group in double, so a nearly flat map (mean far from zero against its spread) keeps its digits,
@@ -58,7 +58,7 @@ def build_name(source: Path = SOURCE) -> str:
     """Extension name of ``source``: one per (source text and path, torch and Python version, CPU flags), so no
     stale or foreign build is loaded (with TORCH_EXTENSIONS_DIR set, torch keeps no per-Python subfolder). The path
     counts because torch's build file names the source by path: two checkouts sharing one build folder would each
-    rebuild it (11-12 s) whenever the other had built last."""
+    rebuild it (9-12 s) whenever the other had built last."""
     setting = f"{source.resolve()}|{torch.__version__}|{sys.version}|{_cpu_flags()}|{CFLAGS}"
     key = source.read_bytes() + setting.encode()
     h = hashlib.sha256(key).hexdigest()

@@ -104,7 +104,7 @@ KERNELS = ("from models.norm_act_cpu import load_kernel; from models.norm_act_tr
 
 def build_kernels(out: Path) -> float:
     """Build (or load) NormYOLO's fused CPU kernels once before any timed run, and return the seconds it took: a
-    first build (about 30 s each on 2 cores) inside the first timed run would add to that run's wall time only and
+    first build (a few seconds each on 2 cores) inside the first timed run would add to that run's wall time only and
     spoil its round's per-epoch difference."""
     return timed([sys.executable, "-c", KERNELS], ROOT, dict(os.environ), out / "normyolo_kernels.log")
 

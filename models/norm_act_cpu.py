@@ -7,74 +7,85 @@ while it is in cache (``benchmarks/inference.py`` measures the gain). It serves 
 needs gradients and the map is a channels-last float32 CPU tensor outside tracing and compiling; every other case
 (training, bfloat16, CUDA, export, SiLU, modules with forward hooks) runs torch's ops as before.
 
-The kernel is compiled with torch.utils.cpp_extension the first time an eligible layer runs (9-12 s on a 2-core Xeon
-by benchmarks/kernel_build.py; a C++ compiler and ninja are needed) and cached under torch's extension directory
-(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), keyed by its source's text and path, torch's
-version and the CPU's instruction-set flags (``build_name``). If the build fails, one warning says why and the
-process keeps torch's ops. ``NORMYOLO_CPU_KERNELS=0`` turns it off (read at the first eligible call).
+The kernel is compiled the first time an eligible layer runs (about 2 s; a C++ compiler with OpenMP is needed) and
+cached, keyed by its source's text, the compiler, the flags and the CPU's instruction-set flags
+(``models/cpu_build.py``). If the build fails, one warning says why and the process keeps torch's ops.
+``NORMYOLO_CPU_KERNELS=0`` turns it off (read at the first eligible call).
 
-Statistics take one pass: each channel is summed shifted by its value at the image's first pixel and the channels
+Statistics take one pass: each channel is summed shifted by its value at the image's central pixel and the channels
 combine into their group in double, so a nearly flat map (mean far from zero against its spread) keeps its digits,
 where torch's channels-last GroupNorm (E[x^2] - mean^2 in float32) loses them. Outputs match torch's ops to float32
 rounding (tests/test_norm_act_cpu.py).
 """
 from __future__ import annotations
 
-import hashlib
-import logging
+import ctypes
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn.modules import module as _nn_module
 
+from models.cpu_build import load_library
 from models.norm_channels_last import is_channels_last_eager
 from utils.general import LOGGER
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "norm_act_cpu.cpp"
-# -fno-trapping-math (as torch's own build): GCC otherwise keeps a float compare-and-select a branch, unvectorised
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
-_state: dict[str, ModuleType | None] = {}  # "kernel": the built module, or None once disabled / failed
+_state: dict[str, Any] = {}  # "kernel": the loaded kernel, or None once disabled / failed
+
+_PTR, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 
 
-def _cpu_flags() -> str:
-    """The CPU's instruction-set flags (the build uses -march=native, so a cached build must match the CPU):
-    /proc/cpuinfo's 'flags' (x86) or 'Features' (ARM) line, else the platform's processor name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+def bind(fn: Any, *argtypes: Any) -> Any:
+    """A C function of a kernel library with its argument types set (ctypes releases the GIL while it runs)."""
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+    return fn
 
 
-def build_name(source: Path = SOURCE) -> str:
-    """Extension name of ``source``: one per (source text and path, torch and Python version, CPU flags), so no
-    stale or foreign build is loaded (with TORCH_EXTENSIONS_DIR set, torch keeps no per-Python subfolder). The path
-    counts because torch's build file names the source by path: two checkouts sharing one build folder would each
-    rebuild it (9-12 s) whenever the other had built last."""
-    setting = f"{source.resolve()}|{torch.__version__}|{sys.version}|{_cpu_flags()}|{CFLAGS}"
-    key = source.read_bytes() + setting.encode()
-    h = hashlib.sha256(key).hexdigest()
-    return f"normyolo_{source.stem}_{h[:16]}"
+def call(fn: Any, *args: Any) -> None:
+    """Run a kernel entry point; MemoryError if it reports a failed allocation."""
+    if fn(*args) != 0:
+        raise MemoryError(f"{fn.__name__}: the kernel could not allocate its scratch memory")
 
 
-def _import_cpp_extension_load():
-    """torch.utils.cpp_extension.load, without the CUDA_HOME warning its import logs on machines without CUDA."""
-    quiet = logging.getLogger("torch.utils.cpp_extension")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        from torch.utils.cpp_extension import load
-    finally:
-        quiet.setLevel(level)
-    return load
+def check_map(x: torch.Tensor, what: str) -> tuple[int, int, int]:
+    """(N, C, H*W) of a channels-last float32 CPU (N, C, H, W) tensor; RuntimeError naming ``what`` otherwise."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        raise RuntimeError(f"{what}: expected a channels-last float32 CPU (N, C, H, W) tensor")
+    return x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
+
+
+def check_params(weight: torch.Tensor, bias: torch.Tensor, c: int, what: str) -> None:
+    """RuntimeError unless weight and bias are contiguous float32 tensors of ``c`` values."""
+    if not (weight.numel() == c and bias.numel() == c and weight.is_contiguous() and bias.is_contiguous()
+            and weight.dtype == torch.float32 and bias.dtype == torch.float32):
+        raise RuntimeError(f"{what}: expected contiguous float32 weight and bias of {c} values")
+
+
+class InferenceKernel:
+    """csrc/norm_act_cpu.cpp's entry point over ctypes."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._fn = bind(lib.normyolo_group_norm_leaky, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _F64, _F64,
+                        _I64)
+
+    def group_norm_leaky(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+                         slope: float, inplace: bool) -> torch.Tensor:
+        """leaky(group_norm(x)) of a channels-last float32 (N, C, H, W) x, channels-last; written into x if
+        ``inplace`` (an image's statistics are complete before any of its values is overwritten)."""
+        n, c, hw = check_map(x, "group_norm_leaky")
+        if groups <= 0 or c % groups:
+            raise RuntimeError(f"group_norm_leaky: channels {c} not divisible by groups {groups}")
+        check_params(weight, bias, c, "group_norm_leaky")
+        y = x if inplace else torch.empty_like(x, memory_format=torch.channels_last)
+        if x.numel():
+            call(self._fn, x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), n, c, hw, groups, eps,
+                 slope, torch.get_num_threads())
+        return y
 
 
 def _reason(e: Exception) -> str:
@@ -84,27 +95,25 @@ def _reason(e: Exception) -> str:
     return (errors or lines or [repr(e)])[0 if errors else -1]
 
 
-def load_source(source: Path, key: str, what: str) -> ModuleType | None:
-    """The extension built from ``source`` (cached in ``_state[key]``), building it on the first call; None if
-    disabled (NORMYOLO_CPU_KERNELS=0) or the build failed (one warning naming ``what``)."""
+def load_source(source: Path, key: str, what: str, wrap: Callable[[ctypes.CDLL], Any]) -> Any:
+    """``wrap`` of the library built from ``source`` (cached in ``_state[key]``), building it on the first call;
+    None if disabled (NORMYOLO_CPU_KERNELS=0) or the build failed (one warning naming ``what``)."""
     if key in _state:
         return _state[key]
     kernel = None
     if os.environ.get("NORMYOLO_CPU_KERNELS", "1") != "0":
         try:
-            load = _import_cpp_extension_load()
-            LOGGER.info(f"{source.stem}: loading the {what} (its first build on a machine takes 10-30 s)")
-            kernel = load(build_name(source), [str(source)], extra_cflags=CFLAGS, verbose=False)
-        except Exception as e:  # no compiler / ninja, or a platform the flags do not suit: torch's ops instead
+            kernel = wrap(load_library(source, what))
+        except Exception as e:  # no compiler, or a platform the flags do not suit: torch's ops instead
             LOGGER.warning(f"{source.stem}: kernel build failed, using torch's ops ({type(e).__name__}: "
                            f"{_reason(e)})")
     _state[key] = kernel
     return kernel
 
 
-def load_kernel() -> ModuleType | None:
-    """The compiled inference kernel module, building it on the first call; None if disabled or the build failed."""
-    return load_source(SOURCE, "kernel", "fused CPU norm + activation kernel")
+def load_kernel() -> InferenceKernel | None:
+    """The inference kernel, building it on the first call; None if disabled or the build failed."""
+    return load_source(SOURCE, "kernel", "fused CPU norm + activation kernel", InferenceKernel)
 
 
 def _slope(act: nn.Module) -> float | None:

@@ -16,19 +16,19 @@ export) runs torch's ops. BatchNorm's running statistics and ``num_batches_track
 float64 references); statistics and reductions accumulate in double in a fixed order, so they do not depend on
 the thread count.
 
-The kernel is built on first use like models/norm_act_cpu.py's (same cache, same ``NORMYOLO_CPU_KERNELS=0`` switch,
-torch's ops if the build fails).
+The kernel is built on first use like models/norm_act_cpu.py's (models/cpu_build.py: same cache, same
+``NORMYOLO_CPU_KERNELS=0`` switch, torch's ops if the build fails).
 """
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
-from types import ModuleType
 
 import torch
 import torch.nn as nn
 
 from models.norm import GroupNorm2d, InstanceNorm2d
-from models.norm_act_cpu import _hooked, _slope, load_source
+from models.norm_act_cpu import _F64, _I64, _PTR, _hooked, _slope, bind, call, check_map, check_params, load_source
 from models.norm_channels_last import group_norm_kernel, is_channels_last_eager
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "norm_act_train_cpu.cpp"
@@ -41,9 +41,60 @@ def set_train_kernel(enabled: bool) -> None:
     _enabled[0] = bool(enabled)
 
 
-def load_train_kernel() -> ModuleType | None:
-    """The compiled training kernel module, building it on the first call; None if disabled or the build failed."""
-    return load_source(SOURCE, "train_kernel", "fused CPU norm + activation training kernel")
+class TrainKernel:
+    """csrc/norm_act_train_cpu.cpp's forward and backward over ctypes."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._fwd = bind(lib.normyolo_norm_act_forward, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _F64, _F64, _I64,
+                         *(_PTR,) * 7)
+        self._bwd = bind(lib.normyolo_norm_act_backward, _PTR, _I64, *(_PTR,) * 6, _I64, _I64, _I64, _I64, _F64,
+                         _I64, *(_PTR,) * 3)
+
+    def norm_act_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+                         slope: float) -> tuple[torch.Tensor, ...]:
+        """x (N, C, H, W) channels-last float32; groups 0 for BatchNorm, else GroupNorm's count. Returns (y, a, b,
+        mu, rstd, mean, var): y = leaky(x * a + b) channels-last; a, b, mu, rstd (N, C) per image and channel (scale,
+        shift, the statistics' mean and 1 / std); BatchNorm's batch mean and unbiased var (C,), None for GroupNorm."""
+        n, c, hw = check_map(x, "norm_act_forward")
+        if groups < 0 or (groups and c % groups):
+            raise RuntimeError(f"norm_act_forward: bad group count {groups}")
+        check_params(weight, bias, c, "norm_act_forward")
+        if not (hw > 0 and n > 0 and (groups > 0 or n * hw > 1)):
+            raise RuntimeError("norm_act_forward: need more than one value per channel")
+        y = torch.empty_like(x, memory_format=torch.channels_last)
+        per = torch.empty(4, n, c)  # a, b, mu, rstd in one allocation (this runs ~60 times a step)
+        stats = torch.empty(2, c) if groups == 0 else None  # BatchNorm's mean, var
+        p, q = per.data_ptr(), 4 * n * c
+        sp = (stats.data_ptr(), stats.data_ptr() + 4 * c) if stats is not None else (None, None)
+        call(self._fwd, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), n, c, hw, groups, eps, slope,
+             torch.get_num_threads(), y.data_ptr(), p, p + q, p + 2 * q, p + 3 * q, *sp)
+        mean, var = stats.unbind(0) if stats is not None else (None, None)
+        return (y, *per.unbind(0), mean, var)
+
+    def norm_act_backward(self, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
+                          b: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, groups: int, slope: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backward of norm_act_forward for the gradient g of y: (dx channels-last, dweight (C,), dbias (C,)). g is
+        read in place when its pixels are rows of C floats at a common stride (channels-last, or a channel slice of
+        a wider channels-last tensor, as a concatenation's backward hands on), else copied."""
+        n, c, hw = check_map(x, "norm_act_backward")
+        if g.shape != x.shape or g.dtype != torch.float32:
+            raise RuntimeError("norm_act_backward: gradient mismatch")
+        gs = g.stride(3)
+        if not (g.stride(1) == 1 and gs >= c and g.stride(2) == x.shape[3] * gs
+                and g.stride(0) == x.shape[2] * x.shape[3] * gs):
+            g, gs = g.contiguous(memory_format=torch.channels_last), c
+        dx = torch.empty_like(x, memory_format=torch.channels_last)
+        dwb = torch.empty(2, c)
+        call(self._bwd, g.data_ptr(), gs, x.data_ptr(), weight.data_ptr(), a.data_ptr(), b.data_ptr(),
+             mu.data_ptr(), rstd.data_ptr(), n, c, hw, groups, slope, torch.get_num_threads(), dx.data_ptr(),
+             dwb.data_ptr(), dwb.data_ptr() + 4 * c)
+        return (dx, *dwb.unbind(0))
+
+
+def load_train_kernel() -> TrainKernel | None:
+    """The training kernel, building it on the first call; None if disabled or the build failed."""
+    return load_source(SOURCE, "train_kernel", "fused CPU norm + activation training kernel", TrainKernel)
 
 
 class _NormActTrain(torch.autograd.Function):

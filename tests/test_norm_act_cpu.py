@@ -27,7 +27,7 @@ def threads(request):
 def kernel():
     k = nac.load_kernel()
     if k is None:
-        pytest.skip("the fused CPU kernel could not be built here (no C++ compiler / ninja); torch's ops serve")
+        pytest.skip("the fused CPU kernel could not be built here (no C++ compiler); torch's ops serve")
     return k
 
 
@@ -165,38 +165,7 @@ def test_trainable_bias_alone_keeps_autograd(kernel):
     assert m.norm.bias.grad is not None and m.norm.bias.grad.abs().sum() > 0
 
 
-def test_build_failure_warns_once_and_falls_back(monkeypatch):
-    import torch.utils.cpp_extension as ext
-
-    def broken(*a, **k):
-        raise RuntimeError("Ninja is required to load C++ extensions")
-
-    monkeypatch.setattr(ext, "load", broken)  # what load_kernel imports
-    monkeypatch.delenv("NORMYOLO_CPU_KERNELS", raising=False)
-    monkeypatch.delitem(nac._state, "kernel", raising=False)
-    (first, second), lines = call_logged(lambda: (nac.load_kernel(), nac.load_kernel()))
-    assert first is None and second is None
-    failed = [ln for ln in lines if "kernel build failed" in ln]
-    assert len(failed) == 1 and "Ninja is required" in failed[0]
-    monkeypatch.delitem(nac._state, "kernel", raising=False)  # let other tests build or load the real one
-
-
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("NORMYOLO_CPU_KERNELS", "0")
-    monkeypatch.delitem(nac._state, "kernel", raising=False)
-    assert nac.load_kernel() is None
-    monkeypatch.delitem(nac._state, "kernel", raising=False)
-
-
-def test_build_name_per_source_text_and_checkout(tmp_path):
-    """The cached build is keyed on the source's text and its path: another checkout (same text, another path)
-    gets its own build folder instead of rebuilding the shared one back and forth; an edited source a new one."""
-    a, b = tmp_path / "a" / "norm_act_cpu.cpp", tmp_path / "b" / "norm_act_cpu.cpp"
-    for f in (a, b):
-        f.parent.mkdir()
-        f.write_bytes(nac.SOURCE.read_bytes())
-    assert nac.build_name(a) == nac.build_name(a) and nac.build_name(a).startswith("normyolo_norm_act_cpu_")
-    assert nac.build_name(a) != nac.build_name(b)
-    name = nac.build_name(a)
-    a.write_text(a.read_text() + "\n// edited\n")
-    assert nac.build_name(a) != name
+    monkeypatch.setattr(nac, "_state", {})  # this process's loaded kernels, restored for the other tests
+    assert nac.load_kernel() is None and nac._state == {"kernel": None}

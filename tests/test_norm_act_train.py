@@ -21,7 +21,7 @@ CL = torch.channels_last
 def kernel():
     k = nat.load_train_kernel()
     if k is None:
-        pytest.skip("the fused CPU training kernel could not be built here (no C++ compiler / ninja)")
+        pytest.skip("the fused CPU training kernel could not be built here (no C++ compiler)")
     return k
 
 

@@ -9,18 +9,14 @@
 // image's central pixel, y = x - x0[c] (float over blocks of 256 rows, then double), so a map whose mean is far from
 // zero against its spread loses no digits; each channel's mean and sum of squared deviations then combine into the
 // group's exactly (in double, the parallel-variance formula).
-// ATen/core/Tensor.h and the per-operator header of the op used, not ATen/ATen.h (every operator): the
-// first build on a machine takes a quarter less time (8.5 s against 11.6 s on a 2-core Xeon,
-// benchmarks/kernel_build.py)
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/Parallel.h>
-#include <torch/csrc/utils/pybind.h>  // pybind11 and its at::Tensor casters; not torch/extension.h, whose
-// whole C++ frontend makes the first build 1.7x as long (58 s against 35 s on 2 cores)
-
+// Plain C++ with a C interface (models/cpu_build.py compiles it with the system compiler and loads it with ctypes):
+// no torch header, so the first build on a machine takes about a second instead of 14 s (benchmarks/kernel_build.py).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
+
+#include "parallel_range.h"
 
 namespace {
 
@@ -138,32 +134,13 @@ struct Scratch {
   }
 };
 
-}  // namespace
-
-// x: (N, C, H, W) channels-last float32; weight, bias: (C,) float32 -> leaky(group_norm(x)), channels-last; with
-// inplace, written into x (an image's statistics are complete before any of its values is overwritten) and x
-// returned.
-at::Tensor group_norm_leaky(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                               int64_t groups, double eps, double slope, bool inplace) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 &&
-                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "group_norm_leaky: expected a channels-last float32 CPU (N, C, H, W) tensor");
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  TORCH_CHECK(groups > 0 && C % groups == 0, "group_norm_leaky: channels ", C, " not divisible by groups ", groups);
-  TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.is_contiguous() && bias.is_contiguous() &&
-                  weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
-              "group_norm_leaky: expected contiguous float32 weight and bias of ", C, " values");
-  auto y = inplace ? x : at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  if (x.numel() == 0) return y;
-  const float* X = x.data_ptr<float>();
-  float* Y = y.data_ptr<float>();  // == X in place
-  const float* w = weight.data_ptr<float>();
-  const float* bb = bias.data_ptr<float>();
+// Y = leaky(group_norm(X)) of N images of HW pixel rows of C floats, on T threads; Y may be X.
+void group_norm_leaky(const float* X, float* Y, const float* w, const float* bb, int64_t N, int64_t C, int64_t HW,
+                      int64_t groups, double eps, double slope, int64_t T) {
   const float sl = static_cast<float>(slope);
-  const int64_t T = at::get_num_threads();
 
   if (N >= T) {  // whole images per thread: the apply pass reads an image its statistics pass just read
-    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    parallel_range(0, N, 1, T, [&](int64_t n0, int64_t n1) {
       Scratch s(C);
       for (int64_t n = n0; n < n1; ++n) {
         const float* xn = X + n * HW * C;
@@ -173,7 +150,7 @@ at::Tensor group_norm_leaky(const at::Tensor& x, const at::Tensor& weight, const
         apply_rows(xn, Y + n * HW * C, C, 0, HW, s.a.data(), s.b.data(), sl);
       }
     });
-    return y;
+    return;
   }
 
   // fewer images than threads: each image's rows are split over the threads
@@ -185,7 +162,7 @@ at::Tensor group_norm_leaky(const at::Tensor& x, const at::Tensor& weight, const
     s.start(xn, C, HW);
     std::fill(part1.begin(), part1.end(), 0.0);
     std::fill(part2.begin(), part2.end(), 0.0);
-    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    parallel_range(0, K, 1, T, [&](int64_t k0, int64_t k1) {
       std::vector<float> f1(s.f1.size()), f2(s.f2.size());  // per-thread scratch; chunk k writes only part[k]
       for (int64_t k = k0; k < k1; ++k)
         channel_sums(xn, C, k * HW / K, (k + 1) * HW / K, s.k.data(), &part1[k * C], &part2[k * C], f1.data(),
@@ -198,13 +175,19 @@ at::Tensor group_norm_leaky(const at::Tensor& x, const at::Tensor& weight, const
       }
     }
     s.finish(C, groups, HW, w, bb, eps);
-    at::parallel_for(0, HW, kBlockRows, [&](int64_t r0, int64_t r1) {
+    parallel_range(0, HW, kBlockRows, T, [&](int64_t r0, int64_t r1) {
       apply_rows(xn, Y + n * HW * C, C, r0, r1, s.a.data(), s.b.data(), sl);
     });
   }
-  return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("group_norm_leaky", &group_norm_leaky, "leaky(group_norm(x)) of a channels-last float32 CPU tensor");
+}  // namespace
+
+// X (N, H*W, C): a channels-last float32 (N, C, H, W) map; w, bb (C,); groups divides C; threads: OpenMP threads.
+// Writes Y (N, H*W, C) = leaky(group_norm(x)); Y may be X (in place: an image's statistics are complete before any
+// of its values is overwritten).
+extern "C" int normyolo_group_norm_leaky(const float* X, float* Y, const float* w, const float* bb, int64_t N,
+                                         int64_t C, int64_t HW, int64_t groups, double eps, double slope,
+                                         int64_t threads) {
+  return guarded([&] { group_norm_leaky(X, Y, w, bb, N, C, HW, groups, eps, slope, threads); });
 }

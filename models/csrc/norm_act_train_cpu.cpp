@@ -13,20 +13,15 @@
 // kBlockRows rows, then double) and combined in double in a fixed order, so results do not depend on the thread
 // count. Forward statistics are shifted sums (y = x - x0[c], x0 the chunk's middle row) combined with the
 // parallel-variance formula, so a map whose mean is far from zero against its spread loses no digits.
-// ATen/core/Tensor.h and the per-operator headers of the two ops used, not ATen/ATen.h (every operator): the
-// first build on a machine takes a quarter less time (9.3 s against 12.7 s on a 2-core Xeon,
-// benchmarks/kernel_build.py)
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/Parallel.h>
-#include <torch/csrc/utils/pybind.h>  // pybind11 and its at::Tensor casters; not torch/extension.h, whose
-// whole C++ frontend makes the first build 1.7x as long (58 s against 35 s on 2 cores)
-
+// Plain C++ with a C interface (models/cpu_build.py compiles it with the system compiler and loads it with ctypes):
+// no torch header, so the first build on a machine takes about a second instead of 16 s (benchmarks/kernel_build.py).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <utility>
 #include <vector>
+
+#include "parallel_range.h"
 
 namespace {
 
@@ -37,7 +32,8 @@ constexpr int64_t kStrip = 64;        // rows of C < kStrip floats are processed
 int64_t strip_rows(int64_t C) { return C >= kStrip ? 1 : kStrip / C; }
 
 struct Layout {
-  int64_t N, C, HW, G;  // G == 0: BatchNorm (a channel's statistics span the batch); else groups per image
+  int64_t N, C, HW, G, T;  // G == 0: BatchNorm (a channel's statistics span the batch), else groups per image;
+  // T: threads
   int64_t K() const { return std::max<int64_t>(1, (HW + kChunkRows - 1) / kChunkRows); }  // chunks per image
   int64_t chunks() const { return N * K(); }
   int64_t rows(int64_t j, int64_t* r0) const {  // chunk j's first pixel in its image (*r0) and pixel count
@@ -222,12 +218,6 @@ void grad_apply(const float* g, int64_t gs, const float* x, float* dx, int64_t C
   }
 }
 
-void check_input(const at::Tensor& x, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 &&
-                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              what, ": expected a channels-last float32 CPU (N, C, H, W) tensor");
-}
-
 // Each statistics group's mean and 1 / std from its chunks' means and squared deviations (cmean, cm2: (chunks, C)),
 // by the parallel-variance formula in double in a fixed order, stored per image and channel as the scale A, shift
 // B, MU and RS (N, C); for BatchNorm (L.G == 0) also each channel's mean and unbiased variance (running statistics).
@@ -343,7 +333,7 @@ GradCoefs grad_coefs(const Layout& L, const std::vector<double>& s1, const std::
 // Parallel over chunks; fn(j, n, r0, r1) for each.
 template <typename F>
 void for_chunks(const Layout& L, F fn) {
-  at::parallel_for(0, L.chunks(), 1, [&](int64_t j0, int64_t j1) {
+  parallel_range(0, L.chunks(), 1, L.T, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       int64_t r0;
       const int64_t cnt = L.rows(j, &r0);
@@ -354,128 +344,86 @@ void for_chunks(const Layout& L, F fn) {
 
 }  // namespace
 
-// Forward. x (N, C, H, W) channels-last float32; weight, bias (C,) float32; groups: 0 for BatchNorm, else the
-// GroupNorm group count. Returns (y, a, b, mu, rstd, mean, var): y = leaky(x * a + b) channels-last; a, b, mu, rstd
-// (N, C) float32 per image and channel (scale, shift, the statistics' mean and 1 / std); mean (C,) and unbiased var
-// (C,) of each channel over the batch (BatchNorm's running statistics), empty for GroupNorm.
-std::vector<at::Tensor> norm_act_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                         int64_t groups, double eps, double slope) {
-  check_input(x, "norm_act_forward");
-  const Layout L{x.size(0), x.size(1), x.size(2) * x.size(3), groups};
-  const int64_t N = L.N, C = L.C, HW = L.HW;
-  TORCH_CHECK(groups >= 0 && (groups == 0 || C % groups == 0), "norm_act_forward: bad group count ", groups);
-  TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.is_contiguous() && bias.is_contiguous() &&
-                  weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
-              "norm_act_forward: expected contiguous float32 weight and bias of ", C, " values");
-  TORCH_CHECK(HW > 0 && N > 0 && (groups > 0 || N * HW > 1), "norm_act_forward: need more than one value per channel");
-  const auto fopt = x.options().memory_format(at::MemoryFormat::Contiguous);
-  auto y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  auto a = at::empty({N, C}, fopt), b = at::empty({N, C}, fopt);
-  auto mu = at::empty({N, C}, fopt), rstd = at::empty({N, C}, fopt);
-  at::Tensor mean, var;
-  const float* X = x.data_ptr<float>();
-  const float* w = weight.data_ptr<float>();
-  const float* bb = bias.data_ptr<float>();
-  const int64_t J = L.chunks();
 
-  // 1. per chunk: mean and sum of squared deviations of each channel (double)
-  std::vector<double> cmean(J * C), cm2(J * C);
-  for_chunks(L, [&](int64_t j, int64_t n, int64_t r0, int64_t r1) {
-    const float* xn = X + n * HW * C;
-    std::vector<float> k(strip_rows(C) * C);
-    to_strip(xn + ((r0 + r1) / 2) * C, C, k.data());
-    std::vector<double> s1(C, 0.0), s2(C, 0.0);
-    shifted_sums(xn, C, r0, r1, k.data(), s1.data(), s2.data());
-    const double cnt = static_cast<double>(r1 - r0);
-    for (int64_t c = 0; c < C; ++c) {
-      cmean[j * C + c] = k[c] + s1[c] / cnt;
-      cm2[j * C + c] = std::max(0.0, s2[c] - s1[c] * s1[c] / cnt);
-    }
+// Forward. X (N, H*W, C): a channels-last float32 (N, C, H, W) map; w, bb (C,) the norm's weight and bias; groups: 0
+// for BatchNorm, else the GroupNorm group count; threads: OpenMP threads. Writes Y (N, H*W, C) = leaky(x * a + b);
+// A, B, MU, RS (N, C) per image and channel (scale a, shift b, the statistics' mean and 1 / std); for BatchNorm also
+// mean (C,) and unbiased var (C,) of each channel over the batch (its running statistics; unused for GroupNorm).
+extern "C" int normyolo_norm_act_forward(const float* X, const float* w, const float* bb, int64_t N, int64_t C,
+                                         int64_t HW, int64_t groups, double eps, double slope, int64_t threads,
+                                         float* Y, float* A, float* B, float* MU, float* RS, float* mean,
+                                         float* var) {
+  return guarded([&] {
+    const Layout L{N, C, HW, groups, threads};
+    const int64_t J = L.chunks();
+
+    // 1. per chunk: mean and sum of squared deviations of each channel (double)
+    std::vector<double> cmean(J * C), cm2(J * C);
+    for_chunks(L, [&](int64_t j, int64_t n, int64_t r0, int64_t r1) {
+      const float* xn = X + n * HW * C;
+      std::vector<float> k(strip_rows(C) * C);
+      to_strip(xn + ((r0 + r1) / 2) * C, C, k.data());
+      std::vector<double> s1(C, 0.0), s2(C, 0.0);
+      shifted_sums(xn, C, r0, r1, k.data(), s1.data(), s2.data());
+      const double cnt = static_cast<double>(r1 - r0);
+      for (int64_t c = 0; c < C; ++c) {
+        cmean[j * C + c] = k[c] + s1[c] / cnt;
+        cm2[j * C + c] = std::max(0.0, s2[c] - s1[c] * s1[c] / cnt);
+      }
+    });
+
+    // 2. each statistics group from its chunks
+    group_stats(L, cmean, cm2, w, bb, eps, A, B, MU, RS, mean, var);
+
+    // 3. y = leaky(x * a + b)
+    const float sl = static_cast<float>(slope);
+    for_chunks(L, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
+      std::vector<float> as(strip_rows(C) * C), bs(strip_rows(C) * C);
+      to_strip(A + n * C, C, as.data());
+      to_strip(B + n * C, C, bs.data());
+      apply_rows(X + n * HW * C, Y + n * HW * C, C, r0, r1, as.data(), bs.data(), sl);
+    });
   });
-
-  // 2. each statistics group from its chunks
-  float* A = a.data_ptr<float>();
-  float* B = b.data_ptr<float>();
-  if (groups == 0) {
-    mean = at::empty({C}, fopt);
-    var = at::empty({C}, fopt);
-  }
-  group_stats(L, cmean, cm2, w, bb, eps, A, B, mu.data_ptr<float>(), rstd.data_ptr<float>(),
-              groups == 0 ? mean.data_ptr<float>() : nullptr, groups == 0 ? var.data_ptr<float>() : nullptr);
-
-  // 3. y = leaky(x * a + b)
-  float* Y = y.data_ptr<float>();
-  const float sl = static_cast<float>(slope);
-  for_chunks(L, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
-    std::vector<float> as(strip_rows(C) * C), bs(strip_rows(C) * C);
-    to_strip(A + n * C, C, as.data());
-    to_strip(B + n * C, C, bs.data());
-    apply_rows(X + n * HW * C, Y + n * HW * C, C, r0, r1, as.data(), bs.data(), sl);
-  });
-  return {y, a, b, mu, rstd, mean, var};
 }
 
-// Backward of norm_act_forward. g: the gradient of y (read in place when channels-last or a channel slice of a wider
-// channels-last tensor, else copied); x, a, b, mu, rstd as saved; weight (C,). Returns (dx channels-last,
-// dweight (C,), dbias (C,)).
-std::vector<at::Tensor> norm_act_backward(const at::Tensor& g_in, const at::Tensor& x, const at::Tensor& weight,
-                                          const at::Tensor& a, const at::Tensor& b, const at::Tensor& mu,
-                                          const at::Tensor& rstd, int64_t groups, double slope) {
-  check_input(x, "norm_act_backward");
-  TORCH_CHECK(g_in.sizes() == x.sizes() && g_in.scalar_type() == at::kFloat, "norm_act_backward: gradient mismatch");
-  // g as it comes if its pixels are rows of C contiguous floats at a common stride (channels-last, or a channel
-  // slice of a wider channels-last tensor), else a channels-last copy
-  const int64_t gs0 = g_in.stride(3);
-  const bool rows = g_in.stride(1) == 1 && gs0 >= x.size(1) && g_in.stride(2) == x.size(3) * gs0 &&
-                    g_in.stride(0) == x.size(2) * x.size(3) * gs0;
-  const auto g = rows ? g_in : g_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t gs = rows ? gs0 : x.size(1);
-  const Layout L{x.size(0), x.size(1), x.size(2) * x.size(3), groups};
-  const int64_t C = L.C, HW = L.HW, J = L.chunks();
-  const float* X = x.data_ptr<float>();
-  const float* Gd = g.data_ptr<float>();
-  const float* A = a.data_ptr<float>();
-  const float* B = b.data_ptr<float>();
-  const float* MU = mu.data_ptr<float>();
-  const float* RS = rstd.data_ptr<float>();
-  const float* w = weight.data_ptr<float>();
-  const float sl = static_cast<float>(slope);
+// Backward of normyolo_norm_act_forward. G: the gradient of y, pixel rows of C floats gs floats apart (gs == C:
+// channels-last; gs > C: a channel slice of a wider channels-last tensor, as a concatenation's backward hands on);
+// X, w, A, B, MU, RS as in the forward. Writes DX (N, H*W, C) channels-last, dw (C,) and db (C,).
+extern "C" int normyolo_norm_act_backward(const float* G, int64_t gs, const float* X, const float* w, const float* A,
+                                          const float* B, const float* MU, const float* RS, int64_t N, int64_t C,
+                                          int64_t HW, int64_t groups, double slope, int64_t threads, float* DX,
+                                          float* dw, float* db) {
+  return guarded([&] {
+    const Layout L{N, C, HW, groups, threads};
+    const int64_t J = L.chunks();
+    const float sl = static_cast<float>(slope);
 
-  // 1. per chunk: sum dz and sum dz * (x - mu)
-  std::vector<double> t1(J * C, 0.0), t2(J * C, 0.0);
-  for_chunks(L, [&](int64_t j, int64_t n, int64_t r0, int64_t r1) {
-    const int64_t S = strip_rows(C) * C;
-    std::vector<float> as(S), bs(S), ms(S);
-    to_strip(A + n * C, C, as.data());
-    to_strip(B + n * C, C, bs.data());
-    to_strip(MU + n * C, C, ms.data());
-    grad_sums(Gd + n * HW * gs, gs, X + n * HW * C, C, r0, r1, as.data(), bs.data(), ms.data(), sl, &t1[j * C],
-              &t2[j * C]);
+    // 1. per chunk: sum dz and sum dz * (x - mu)
+    std::vector<double> t1(J * C, 0.0), t2(J * C, 0.0);
+    for_chunks(L, [&](int64_t j, int64_t n, int64_t r0, int64_t r1) {
+      const int64_t S = strip_rows(C) * C;
+      std::vector<float> as(S), bs(S), ms(S);
+      to_strip(A + n * C, C, as.data());
+      to_strip(B + n * C, C, bs.data());
+      to_strip(MU + n * C, C, ms.data());
+      grad_sums(G + n * HW * gs, gs, X + n * HW * C, C, r0, r1, as.data(), bs.data(), ms.data(), sl, &t1[j * C],
+                &t2[j * C]);
+    });
+    const std::vector<double> s1 = per_image(L, t1), s2 = per_image(L, t2);
+    param_grads(L, s1, s2, RS, dw, db);
+
+    // 2. dx's coefficients per image and channel
+    const GradCoefs k = grad_coefs(L, s1, s2, w, RS);
+
+    // 3. dx
+    for_chunks(L, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
+      Coefs cf(C);
+      const std::pair<const float*, std::vector<float>*> src[] = {
+          {A + n * C, &cf.a}, {B + n * C, &cf.b}, {MU + n * C, &cf.mu}, {k.p.data() + n * C, &cf.p},
+          {k.m1.data() + n * C, &cf.m1}, {k.k.data() + n * C, &cf.k}, {k.q.data() + n * C, &cf.q},
+          {k.r.data() + n * C, &cf.r}};
+      for (const auto& [from, to] : src) to_strip(from, C, to->data());
+      grad_apply(G + n * HW * gs, gs, X + n * HW * C, DX + n * HW * C, C, r0, r1, cf, sl);
+    });
   });
-  const std::vector<double> s1 = per_image(L, t1), s2 = per_image(L, t2);
-  const auto fopt = x.options().memory_format(at::MemoryFormat::Contiguous);
-  auto dw = at::empty({C}, fopt), db = at::empty({C}, fopt);
-  param_grads(L, s1, s2, RS, dw.data_ptr<float>(), db.data_ptr<float>());
-
-  // 2. dx's coefficients per image and channel
-  const GradCoefs k = grad_coefs(L, s1, s2, w, RS);
-
-  // 3. dx
-  auto dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  float* DX = dx.data_ptr<float>();
-  for_chunks(L, [&](int64_t, int64_t n, int64_t r0, int64_t r1) {
-    Coefs cf(C);
-    const std::pair<const float*, std::vector<float>*> src[] = {
-        {A + n * C, &cf.a}, {B + n * C, &cf.b}, {MU + n * C, &cf.mu}, {k.p.data() + n * C, &cf.p},
-        {k.m1.data() + n * C, &cf.m1}, {k.k.data() + n * C, &cf.k}, {k.q.data() + n * C, &cf.q},
-        {k.r.data() + n * C, &cf.r}};
-    for (const auto& [from, to] : src) to_strip(from, C, to->data());
-    grad_apply(Gd + n * HW * gs, gs, X + n * HW * C, DX + n * HW * C, C, r0, r1, cf, sl);
-  });
-  return {dx, dw, db};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("norm_act_forward", &norm_act_forward, "leaky(norm(x)) in training, channels-last float32 CPU");
-  m.def("norm_act_backward", &norm_act_backward, "backward of norm_act_forward");
 }

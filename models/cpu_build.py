@@ -1,0 +1,109 @@
+"""Build and load the fused CPU kernels of models/csrc with the system C++ compiler, once per machine.
+
+The kernels are plain C++ behind a C interface, with no torch header: torch.utils.cpp_extension's build of the same
+code spent 14-16 s of a 2-core Xeon's time parsing ATen's and pybind11's headers (first use in a fresh checkout, and
+every test session on CI), this one about 2 s (``benchmarks/kernel_build.py``). The compiler is ``$CXX``, else
+``c++``; flags ``CFLAGS``. The library is cached as ``<dir>/normyolo_<source>_<hash>.so`` with ``<dir>`` =
+``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, and the hash covers what the machine code depends on: the
+sources' text (the .cpp and the headers beside it), the compiler's version line, the flags and the CPU's
+instruction-set flags (``-march=native``). Not the checkout's path: checkouts with the same sources share one build.
+A build goes to a temporary file that is renamed into place, so processes that start together (DDP ranks,
+compare.py's jobs) never load half a file; each may build, the last rename wins, and the files are identical.
+
+The library is loaded with ctypes after torch, so its OpenMP calls bind to the runtime torch loaded (same soname,
+libgomp.so.1): the kernels use torch's thread pool and its thread count, as ``at::parallel_for`` did.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch  # noqa: F401  (loaded first: the kernels' OpenMP binds to torch's runtime)
+
+from utils.general import LOGGER
+
+# -fno-trapping-math (as torch's own build): GCC otherwise keeps a float compare-and-select a branch, unvectorised
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-std=c++17", "-fPIC", "-shared"]
+
+
+def cpu_flags() -> str:
+    """The CPU's instruction-set flags (the build uses -march=native, so a cached build must match the CPU):
+    /proc/cpuinfo's 'flags' (x86) or 'Features' (ARM) line, else the platform's processor name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def compiler() -> str:
+    """The C++ compiler command: ``$CXX``, else ``c++``."""
+    return os.environ.get("CXX") or "c++"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_version(cxx: str) -> str:
+    """First line of ``cxx --version``; RuntimeError naming the command if there is no such compiler."""
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler '{cxx}' on PATH (install g++ or set CXX)")
+    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False)
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else cxx
+
+
+def _sources(source: Path) -> list[Path]:
+    """``source`` and the headers beside it (what the build reads), in a fixed order."""
+    return [source, *sorted(source.parent.glob("*.h"))]
+
+
+def build_name(source: Path) -> str:
+    """Library name of ``source``: one per (sources' text, compiler version, flags, CPU flags)."""
+    h = hashlib.sha256()
+    for f in _sources(source):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    cxx = compiler()
+    h.update(f"{cxx}|{_compiler_version(cxx)}|{CFLAGS}|{cpu_flags()}".encode())
+    return f"normyolo_{source.stem}_{h.hexdigest()[:16]}"
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``."""
+    d = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(d) if d else Path.home() / ".cache" / "torch_extensions"
+
+
+def compile_library(source: Path, out: Path) -> None:
+    """Compile ``source`` into the shared library ``out`` (atomically: a temporary file renamed into place).
+    RuntimeError with the compiler's output if it fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler(), *CFLAGS, str(source), "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr or r.stdout}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_library(source: Path, what: str = "kernel") -> ctypes.CDLL:
+    """The kernel library built from ``source``, compiling it first if no cached build matches (logged, naming
+    ``what``)."""
+    path = cache_dir() / f"{build_name(source)}.so"
+    if not path.is_file():
+        LOGGER.info(f"{source.stem}: building the {what} (first use with this compiler and CPU, a few seconds)")
+        compile_library(source, path)
+    return ctypes.CDLL(str(path))

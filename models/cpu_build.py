@@ -1,8 +1,8 @@
 """Build and load the fused CPU kernels of models/csrc with the system C++ compiler, once per machine.
 
 The kernels are plain C++ behind a C interface, with no torch header: torch.utils.cpp_extension's build of the same
-code spent 14-16 s of a 2-core Xeon's time parsing ATen's and pybind11's headers (first use in a fresh checkout, and
-every test session on CI), this one about 2 s (``benchmarks/kernel_build.py``). The compiler is ``$CXX``, else
+code spent about 21 s of a 2-core Xeon's time per kernel parsing ATen's and pybind11's headers (first use in a fresh
+checkout, and every test session on CI), this one 1.5-2.1 s (``benchmarks/kernel_build.py``, back to back). The compiler is ``$CXX``, else
 ``c++``; flags ``CFLAGS``. The library is cached as ``<dir>/normyolo_<source>_<hash>.so`` with ``<dir>`` =
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, and the hash covers what the machine code depends on: the
 sources' text (the .cpp and the headers beside it), the compiler's version line, the flags and the CPU's
@@ -19,6 +19,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +29,7 @@ import torch  # noqa: F401  (loaded first: the kernels' OpenMP binds to torch's 
 
 from utils.general import LOGGER
 
+CSRC = Path(__file__).resolve().parent / "csrc"
 # -fno-trapping-math (as torch's own build): GCC otherwise keeps a float compare-and-select a branch, unvectorised
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-std=c++17", "-fPIC", "-shared"]
 
@@ -47,16 +49,17 @@ def cpu_flags() -> str:
 
 
 def compiler() -> str:
-    """The C++ compiler command: ``$CXX``, else ``c++``."""
+    """The C++ compiler command: ``$CXX`` (may carry a wrapper, e.g. ``ccache g++``), else ``c++``."""
     return os.environ.get("CXX") or "c++"
 
 
 @functools.lru_cache(maxsize=None)
 def _compiler_version(cxx: str) -> str:
     """First line of ``cxx --version``; RuntimeError naming the command if there is no such compiler."""
-    if shutil.which(cxx) is None:
+    argv = shlex.split(cxx)
+    if not argv or shutil.which(argv[0]) is None:
         raise RuntimeError(f"no C++ compiler '{cxx}' on PATH (install g++ or set CXX)")
-    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False)
+    out = subprocess.run([*argv, "--version"], capture_output=True, text=True, check=False)
     text = (out.stdout or out.stderr).strip()
     return text.splitlines()[0] if text else cxx
 
@@ -82,14 +85,15 @@ def cache_dir() -> Path:
     return Path(d) if d else Path.home() / ".cache" / "torch_extensions"
 
 
-def compile_library(source: Path, out: Path) -> None:
-    """Compile ``source`` into the shared library ``out`` (atomically: a temporary file renamed into place).
-    RuntimeError with the compiler's output if it fails."""
+def compile_library(source: Path, out: Path, include: Path | None = None) -> None:
+    """Compile ``source`` into the shared library ``out`` (atomically: a temporary file renamed into place), with
+    ``include`` (default: models/csrc, where the kernels' header is) on the include path. RuntimeError with the
+    compiler's output if it fails."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [compiler(), *CFLAGS, str(source), "-o", tmp]
+        cmd = [*shlex.split(compiler()), *CFLAGS, f"-I{include or CSRC}", str(source), "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr or r.stdout}")
@@ -103,7 +107,11 @@ def load_library(source: Path, what: str = "kernel") -> ctypes.CDLL:
     """The kernel library built from ``source``, compiling it first if no cached build matches (logged, naming
     ``what``)."""
     path = cache_dir() / f"{build_name(source)}.so"
-    if not path.is_file():
-        LOGGER.info(f"{source.stem}: building the {what} (first use with this compiler and CPU, a few seconds)")
-        compile_library(source, path)
+    if path.is_file():
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError as e:  # a damaged file (a crash mid-write on a filesystem that lost it): build it again
+            LOGGER.warning(f"{source.stem}: cached build {path} does not load ({e}); rebuilding it")
+    LOGGER.info(f"{source.stem}: building the {what} (first use with this compiler and CPU, a few seconds)")
+    compile_library(source, path)
     return ctypes.CDLL(str(path))

@@ -62,8 +62,8 @@ class TrainKernel:
         if not (hw > 0 and n > 0 and (groups > 0 or n * hw > 1)):
             raise RuntimeError("norm_act_forward: need more than one value per channel")
         y = torch.empty_like(x, memory_format=torch.channels_last)
-        per = torch.empty(4, n, c)  # a, b, mu, rstd in one allocation (this runs ~60 times a step)
-        stats = torch.empty(2, c) if groups == 0 else None  # BatchNorm's mean, var
+        per = x.new_empty((4, n, c))  # a, b, mu, rstd (float32, CPU as x) in one allocation: ~60 calls a step
+        stats = x.new_empty((2, c)) if groups == 0 else None  # BatchNorm's mean, var
         p, q = per.data_ptr(), 4 * n * c
         sp = (stats.data_ptr(), stats.data_ptr() + 4 * c) if stats is not None else (None, None)
         call(self._fwd, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), n, c, hw, groups, eps, slope,
@@ -85,11 +85,11 @@ class TrainKernel:
                 and g.stride(0) == x.shape[2] * x.shape[3] * gs):
             g, gs = g.contiguous(memory_format=torch.channels_last), c
         dx = torch.empty_like(x, memory_format=torch.channels_last)
-        dwb = torch.empty(2, c)
+        dw, db = x.new_empty(c), x.new_empty(c)  # separate: they become the parameters' .grad
         call(self._bwd, g.data_ptr(), gs, x.data_ptr(), weight.data_ptr(), a.data_ptr(), b.data_ptr(),
              mu.data_ptr(), rstd.data_ptr(), n, c, hw, groups, slope, torch.get_num_threads(), dx.data_ptr(),
-             dwb.data_ptr(), dwb.data_ptr() + 4 * c)
-        return (dx, *dwb.unbind(0))
+             dw.data_ptr(), db.data_ptr())
+        return dx, dw, db
 
 
 def load_train_kernel() -> TrainKernel | None:

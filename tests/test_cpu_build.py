@@ -9,17 +9,18 @@ import pytest
 
 import models.cpu_build as cb
 import models.norm_act_cpu as nac
+import models.norm_act_train as nat
 from logcapture import call_logged
 
 needs_cxx = pytest.mark.skipif(shutil.which(cb.compiler()) is None, reason="no C++ compiler on PATH")
 
 
-def _copy_sources(dst: Path) -> Path:
-    """The inference kernel's source and the headers beside it, copied into ``dst``; the copied .cpp."""
+def _copy_sources(dst: Path, source: Path = nac.SOURCE) -> Path:
+    """A kernel's source and the headers beside it, copied into ``dst``; the copied .cpp."""
     dst.mkdir(parents=True)
-    for f in [nac.SOURCE, *nac.SOURCE.parent.glob("*.h")]:
+    for f in [source, *source.parent.glob("*.h")]:
         shutil.copy(f, dst / f.name)
-    return dst / nac.SOURCE.name
+    return dst / source.name
 
 
 @needs_cxx
@@ -36,18 +37,54 @@ def test_build_name_follows_text_not_checkout(tmp_path):
 
 
 @needs_cxx
-def test_builds_once_then_loads_the_cached_library(tmp_path, monkeypatch):
+@pytest.mark.parametrize("source,entry", [(nac.SOURCE, "normyolo_group_norm_leaky"),
+                                          (nat.SOURCE, "normyolo_norm_act_forward")], ids=["inference", "training"])
+def test_builds_once_then_loads_the_cached_library(tmp_path, monkeypatch, source, entry):
+    """Each kernel compiles (a compiler on PATH: a compile error fails here, it does not skip the kernel tests)."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
-    src = _copy_sources(tmp_path / "src")
+    src = _copy_sources(tmp_path / "src", source)
     calls = []
     real = cb.compile_library
     monkeypatch.setattr(cb, "compile_library", lambda s, o: (calls.append(o), real(s, o))[1])
     lib = cb.load_library(src)
-    assert isinstance(lib, ctypes.CDLL) and hasattr(lib, "normyolo_group_norm_leaky")
+    assert isinstance(lib, ctypes.CDLL) and hasattr(lib, entry)
     assert len(calls) == 1 and calls[0].parent == tmp_path / "cache" and calls[0].suffix == ".so"
     cb.load_library(src)
     assert len(calls) == 1  # cached
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [calls[0].name]  # no temporary left
+
+
+@needs_cxx
+def test_a_damaged_cached_library_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    src = _copy_sources(tmp_path / "src")
+    path = tmp_path / f"{cb.build_name(src)}.so"
+    path.write_bytes(b"")  # what a crash mid-write on a filesystem without the rename could leave
+    lib, lines = call_logged(cb.load_library, src)
+    assert hasattr(lib, "normyolo_group_norm_leaky") and path.stat().st_size > 0
+    assert any("does not load" in ln and "rebuilding" in ln for ln in lines)
+
+
+@needs_cxx
+def test_compiler_command_may_carry_a_wrapper(tmp_path, monkeypatch):
+    """CXX="env c++" (as "ccache g++" would be): split into words, not looked up as one file name."""
+    monkeypatch.setenv("CXX", f"env {cb.compiler()}")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert hasattr(cb.load_library(_copy_sources(tmp_path / "src")), "normyolo_group_norm_leaky")
+
+
+@needs_cxx
+def test_failed_allocation_is_an_error_code_not_a_crash(monkeypatch):
+    """An allocation that fails inside the kernels' OpenMP region (inference: per-thread scratch of 2**50 channels,
+    two images on two threads) or before it (training) returns 1, which the wrappers raise as MemoryError."""
+    kernel, train = nac.load_kernel(), nat.load_train_kernel()
+    if kernel is None or train is None:
+        pytest.skip("kernels disabled here (NORMYOLO_CPU_KERNELS=0)")
+    huge = 2 ** 50
+    assert kernel._fn(None, None, None, None, 2, huge, 1, 1, 1e-5, 0.1, 2) == 1
+    assert train._fwd(None, None, None, 1, huge, 1, 0, 1e-3, 0.1, 2, *(None,) * 7) == 1
+    with pytest.raises(MemoryError, match="could not allocate"):
+        nac.call(kernel._fn, None, None, None, None, 2, huge, 1, 1, 1e-5, 0.1, 2)
 
 
 @needs_cxx

@@ -2,16 +2,17 @@
 
 The kernels are plain C++ behind a C interface, with no torch header: torch.utils.cpp_extension's build of the same
 code spent about 21 s of a 2-core Xeon's time per kernel parsing ATen's and pybind11's headers (first use in a fresh
-checkout, and every test session on CI), this one 1.5-2.1 s (``benchmarks/kernel_build.py``, back to back). The compiler is ``$CXX``, else
-``c++``; flags ``CFLAGS``. The library is cached as ``<dir>/normyolo_<source>_<hash>.so`` with ``<dir>`` =
-``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, and the hash covers what the machine code depends on: the
-sources' text (the .cpp and the headers beside it), the compiler's version line, the flags and the CPU's
-instruction-set flags (``-march=native``). Not the checkout's path: checkouts with the same sources share one build.
-A build goes to a temporary file that is renamed into place, so processes that start together (DDP ranks,
+checkout, and every test session on CI), this one 1.5-2.1 s (``benchmarks/kernel_build.py``, back to back). The
+compiler is ``$CXX``, else ``c++``; flags ``CFLAGS``. The library is cached as ``<dir>/normyolo_<source>_<hash>.so``
+with ``<dir>`` = ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, and the hash covers what the machine
+code depends on: the sources' text (the .cpp and the headers beside it), the compiler's version line, the flags and
+the CPU's instruction-set flags (``-march=native``). Not the checkout's path: checkouts with the same sources share
+one build. A build goes to a temporary file that is renamed into place, so processes that start together (DDP ranks,
 compare.py's jobs) never load half a file; each may build, the last rename wins, and the files are identical.
 
 The library is loaded with ctypes after torch, so its OpenMP calls bind to the runtime torch loaded (same soname,
-libgomp.so.1): the kernels use torch's thread pool and its thread count, as ``at::parallel_for`` did.
+libgomp.so.1): the kernels use torch's thread pool and its thread count, as ``at::parallel_for`` did. ``bind`` and
+``call`` are how the kernels' Python wrappers (models/norm_act_cpu.py, models/norm_act_train.py) reach its functions.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch  # noqa: F401  (loaded first: the kernels' OpenMP binds to torch's runtime)
 
@@ -32,6 +34,7 @@ from utils.general import LOGGER
 CSRC = Path(__file__).resolve().parent / "csrc"
 # -fno-trapping-math (as torch's own build): GCC otherwise keeps a float compare-and-select a branch, unvectorised
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-std=c++17", "-fPIC", "-shared"]
+PTR, I64, F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double  # the kernels' C argument types
 
 
 def cpu_flags() -> str:
@@ -85,15 +88,14 @@ def cache_dir() -> Path:
     return Path(d) if d else Path.home() / ".cache" / "torch_extensions"
 
 
-def compile_library(source: Path, out: Path, include: Path | None = None) -> None:
+def compile_library(source: Path, out: Path) -> None:
     """Compile ``source`` into the shared library ``out`` (atomically: a temporary file renamed into place), with
-    ``include`` (default: models/csrc, where the kernels' header is) on the include path. RuntimeError with the
-    compiler's output if it fails."""
+    models/csrc (the kernels' header) on the include path. RuntimeError with the compiler's output if it fails."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [*shlex.split(compiler()), *CFLAGS, f"-I{include or CSRC}", str(source), "-o", tmp]
+        cmd = [*shlex.split(compiler()), *CFLAGS, f"-I{CSRC}", str(source), "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr or r.stdout}")
@@ -115,3 +117,15 @@ def load_library(source: Path, what: str = "kernel") -> ctypes.CDLL:
     LOGGER.info(f"{source.stem}: building the {what} (first use with this compiler and CPU, a few seconds)")
     compile_library(source, path)
     return ctypes.CDLL(str(path))
+
+
+def bind(fn: Any, *argtypes: Any) -> Any:
+    """A C function of a kernel library with its argument types set (ctypes releases the GIL while it runs)."""
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+    return fn
+
+
+def call(fn: Any, *args: Any) -> None:
+    """Run a kernel entry point; MemoryError if it reports a failed allocation."""
+    if fn(*args) != 0:
+        raise MemoryError(f"{fn.__name__}: the kernel could not allocate its scratch memory")

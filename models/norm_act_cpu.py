@@ -29,26 +29,12 @@ import torch
 import torch.nn as nn
 from torch.nn.modules import module as _nn_module
 
-from models.cpu_build import load_library
+from models.cpu_build import F64, I64, PTR, bind, call, load_library
 from models.norm_channels_last import is_channels_last_eager
 from utils.general import LOGGER
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "norm_act_cpu.cpp"
 _state: dict[str, Any] = {}  # "kernel": the loaded kernel, or None once disabled / failed
-
-_PTR, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-
-
-def bind(fn: Any, *argtypes: Any) -> Any:
-    """A C function of a kernel library with its argument types set (ctypes releases the GIL while it runs)."""
-    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
-    return fn
-
-
-def call(fn: Any, *args: Any) -> None:
-    """Run a kernel entry point; MemoryError if it reports a failed allocation."""
-    if fn(*args) != 0:
-        raise MemoryError(f"{fn.__name__}: the kernel could not allocate its scratch memory")
 
 
 def check_map(x: torch.Tensor, what: str) -> tuple[int, int, int]:
@@ -70,8 +56,7 @@ class InferenceKernel:
     """csrc/norm_act_cpu.cpp's entry point over ctypes."""
 
     def __init__(self, lib: ctypes.CDLL):
-        self._fn = bind(lib.normyolo_group_norm_leaky, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _F64, _F64,
-                        _I64)
+        self._fn = bind(lib.normyolo_group_norm_leaky, PTR, PTR, PTR, PTR, I64, I64, I64, I64, F64, F64, I64)
 
     def group_norm_leaky(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                          slope: float, inplace: bool) -> torch.Tensor:

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 
 from models.norm import GroupNorm2d, InstanceNorm2d
-from models.norm_act_cpu import _F64, _I64, _PTR, _hooked, _slope, bind, call, check_map, check_params, load_source
+from models.cpu_build import F64, I64, PTR, bind, call
+from models.norm_act_cpu import _hooked, _slope, check_map, check_params, load_source
 from models.norm_channels_last import group_norm_kernel, is_channels_last_eager
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "norm_act_train_cpu.cpp"
@@ -45,10 +46,10 @@ class TrainKernel:
     """csrc/norm_act_train_cpu.cpp's forward and backward over ctypes."""
 
     def __init__(self, lib: ctypes.CDLL):
-        self._fwd = bind(lib.normyolo_norm_act_forward, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _F64, _F64, _I64,
-                         *(_PTR,) * 7)
-        self._bwd = bind(lib.normyolo_norm_act_backward, _PTR, _I64, *(_PTR,) * 6, _I64, _I64, _I64, _I64, _F64,
-                         _I64, *(_PTR,) * 3)
+        self._fwd = bind(lib.normyolo_norm_act_forward, PTR, PTR, PTR, I64, I64, I64, I64, F64, F64, I64,
+                         *(PTR,) * 7)
+        self._bwd = bind(lib.normyolo_norm_act_backward, PTR, I64, *(PTR,) * 6, I64, I64, I64, I64, F64, I64,
+                         *(PTR,) * 3)
 
     def norm_act_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                          slope: float) -> tuple[torch.Tensor, ...]:
@@ -63,12 +64,11 @@ class TrainKernel:
             raise RuntimeError("norm_act_forward: need more than one value per channel")
         y = torch.empty_like(x, memory_format=torch.channels_last)
         per = x.new_empty((4, n, c))  # a, b, mu, rstd (float32, CPU as x) in one allocation: ~60 calls a step
-        stats = x.new_empty((2, c)) if groups == 0 else None  # BatchNorm's mean, var
+        mean, var = (x.new_empty(c), x.new_empty(c)) if groups == 0 else (None, None)  # BatchNorm's statistics
         p, q = per.data_ptr(), 4 * n * c
-        sp = (stats.data_ptr(), stats.data_ptr() + 4 * c) if stats is not None else (None, None)
         call(self._fwd, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), n, c, hw, groups, eps, slope,
-             torch.get_num_threads(), y.data_ptr(), p, p + q, p + 2 * q, p + 3 * q, *sp)
-        mean, var = stats.unbind(0) if stats is not None else (None, None)
+             torch.get_num_threads(), y.data_ptr(), p, p + q, p + 2 * q, p + 3 * q,
+             *(t.data_ptr() if t is not None else None for t in (mean, var)))
         return (y, *per.unbind(0), mean, var)
 
     def norm_act_backward(self, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,

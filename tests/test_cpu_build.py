@@ -84,7 +84,7 @@ def test_failed_allocation_is_an_error_code_not_a_crash(monkeypatch):
     assert kernel._fn(None, None, None, None, 2, huge, 1, 1, 1e-5, 0.1, 2) == 1
     assert train._fwd(None, None, None, 1, huge, 1, 0, 1e-3, 0.1, 2, *(None,) * 7) == 1
     with pytest.raises(MemoryError, match="could not allocate"):
-        nac.call(kernel._fn, None, None, None, None, 2, huge, 1, 1, 1e-5, 0.1, 2)
+        cb.call(kernel._fn, None, None, None, None, 2, huge, 1, 1, 1e-5, 0.1, 2)
 
 
 @needs_cxx

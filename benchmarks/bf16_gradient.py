@@ -1,14 +1,17 @@
-"""How far bfloat16 autocast moves the training gradient at initialisation, per norm (why --amp auto is float32 on CPU).
+"""How far bfloat16 moves the training gradient at initialisation, per norm (why --amp auto is float32 on CPU).
 
     python benchmarks/bf16_gradient.py                       # BN and GN C/16, 160 px, batch 8
     python benchmarks/bf16_gradient.py --norms bn --top 25   # also the 25 largest gradient tensors
 
 Builds the n model from one seed, one loss on one random batch with three boxes, and compares the whole-model
-gradient of four runs against float64 (cosine similarity): float32 as train.py runs it on CPU (channels-last, norm +
+gradient of five runs against float64 (cosine similarity): float32 as train.py runs it on CPU (channels-last, norm +
 activation in the fused training kernel of models/norm_act_train.py), float32 with torch's norm and activation ops
-instead (``NORMYOLO_CPU_KERNELS=0``), bfloat16 autocast as ``--amp on`` trains, and bfloat16 autocast with every norm
-layer's input cast back to float32, so that the norms and activations run in float32 on the bfloat16 conv outputs.
-The two float32 columns also print the relative error ||g - g64|| / ||g64||. ``--top N`` also prints, for the N tensors
+instead (``NORMYOLO_CPU_KERNELS=0``), float32 tensors with oneDNN's convolutions multiplying in bfloat16
+(``torch.backends.mkldnn.conv.fp32_precision = "bf16"``, the CPU counterpart of TF32: inputs rounded to bfloat16,
+sums and outputs in float32; on a CPU without bfloat16 hardware oneDNN keeps float32 and the column repeats the
+first), bfloat16 autocast as ``--amp on`` trains, and bfloat16 autocast with every norm layer's input cast back to
+float32, so that the norms and activations run in float32 on the bfloat16 conv outputs. The three float32 columns
+also print the relative error ||g - g64|| / ||g64||. ``--top N`` also prints, for the N tensors
 with the largest float64 gradients, their share of the squared gradient norm and their cosine under bfloat16.
 docs/training.md#precision-on-cpu quotes its output.
 """
@@ -24,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODES = ("fp32", "fp32 torch ops", "bf16", "bf16 + fp32 norms")
+MODES = ("fp32", "fp32 torch ops", "fp32 bf16 conv math", "bf16", "bf16 + fp32 norms")
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,12 +60,16 @@ def gradients(opt: argparse.Namespace, hyp: dict, norm: str, mode: str, x: torch
             if isinstance(m, Conv) and not isinstance(m.norm, torch.nn.Identity):
                 m.norm.register_forward_pre_hook(lambda _m, args: (args[0].float(),))
     set_train_kernel(mode != "fp32 torch ops")
+    conv_math = torch.backends.mkldnn.conv.fp32_precision
+    if mode == "fp32 bf16 conv math":
+        torch.backends.mkldnn.conv.fp32_precision = "bf16"
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.startswith("bf16")):
             loss, _ = ComputeLoss(model, hyp, opt.img)(model(x), targets)
         loss.backward()
     finally:
         set_train_kernel(True)
+        torch.backends.mkldnn.conv.fp32_precision = conv_math
     return {n: p.grad.double().flatten() for n, p in model.named_parameters()}
 
 

@@ -16,7 +16,6 @@ largest per-epoch mAP50 difference between the two codes and between runs of the
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 README_COMMAND = "pip install -r requirements.txt && python train.py"  # tests check that the README still says so
 TARGET_RATIO = 13 / 16
 
@@ -39,7 +40,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="alternations; each round runs both codes once")
     p.add_argument("--command", default=README_COMMAND, help="what each fresh clone runs (bash)")
     p.add_argument("--out", default=str(ROOT / "runs" / "default_run_ab"), help="clones, logs and the JSON rows")
-    p.add_argument("--keep", action="store_true", help="keep each clone (else only its run.log and results.csv)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep each clone (else only the run's log and results.csv, in --out)")
     return p.parse_args(argv)
 
 
@@ -60,19 +62,21 @@ def run_order(rounds: int) -> list[tuple[int, str]]:
 
 def read_results(clone: Path) -> dict[str, Any]:
     """Training passes, validations (None where not logged) and the mAP50 / mAP50-95 per epoch of the newest
-    runs/train/exp*/results.csv in ``clone``; empty lists when the run wrote none."""
+    runs/train/exp*/results.csv in ``clone`` (its path as ``results``); empty lists when the run wrote none."""
+    from engine.results import read_results as read_csv
+
     found = sorted(clone.glob("runs/train/exp*/results.csv"), key=lambda f: f.stat().st_mtime)
     if not found:
         return {"train_s": None, "val_s": None, "map50": [], "map50_95": [], "results": None}
-    with open(found[-1], newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(found[-1])
 
     def total(key: str) -> float | None:
         vals = [r.get(key) for r in rows]
         return sum(float(v) for v in vals if v) if rows and all(v is not None for v in vals) else None
 
-    return {"train_s": total("epoch_time_s"), "val_s": total("val_time_s"), "results": found[-1],
-            "map50": [float(r["metrics/mAP50"]) for r in rows], "map50_95": [float(r["metrics/mAP50-95"]) for r in rows]}
+    return {"train_s": total("epoch_time_s"), "val_s": total("val_time_s"), "results": str(found[-1]),
+            "map50": [float(r["metrics/mAP50"]) for r in rows],
+            "map50_95": [float(r["metrics/mAP50-95"]) for r in rows]}
 
 
 def run_once(sha: str, label: str, index: int, opt: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -86,13 +90,14 @@ def run_once(sha: str, label: str, index: int, opt: argparse.Namespace, out: Pat
     log = out / f"{index}-{label}.log"
     start_utc, t0 = time.strftime("%H:%M", time.gmtime()), time.perf_counter()
     with open(log, "w") as f:
-        rc = subprocess.run(["bash", "-c", opt.command], cwd=clone, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(["bash", "-c", opt.command], cwd=clone, env=env, stdout=f,
+                            stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - t0
-    row = {"index": index, "label": label, "commit": sha[:7], "utc": f"{start_utc}-{time.strftime('%H:%M', time.gmtime())}",
-           "rc": rc, "wall_s": wall, **read_results(clone)}
+    end_utc = time.strftime("%H:%M", time.gmtime())
+    row = {"index": index, "label": label, "commit": sha[:7], "utc": f"{start_utc}-{end_utc}", "rc": rc,
+           "wall_s": wall, **read_results(clone)}
     if row["results"] is not None:
         shutil.copy(row["results"], out / f"{index}-{label}-results.csv")
-    row["results"] = str(row["results"]) if row["results"] else None
     shutil.rmtree(ext, ignore_errors=True)
     if not opt.keep:
         shutil.rmtree(clone, ignore_errors=True)
@@ -141,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     shas = {"after": resolve(opt.after), "before": resolve(opt.before)}
     out = Path(opt.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"after {shas['after'][:7]}, before {shas['before'][:7]}, {opt.rounds} round(s) of: {opt.command}", flush=True)
+    print(f"after {shas['after'][:7]}, before {shas['before'][:7]}, {opt.rounds} round(s) of: {opt.command}",
+          flush=True)
     rows = []
     for i, (rnd, label) in enumerate(run_order(opt.rounds)):
         row = run_once(shas[label], label, i, opt, out) | {"round": rnd}

@@ -3,7 +3,7 @@
 The kernels are plain C++ behind a C interface, with no torch header: torch.utils.cpp_extension's build of the same
 code spent about 21 s of a 2-core Xeon's time per kernel parsing ATen's and pybind11's headers (first use in a fresh
 checkout, and every test session on CI), this one 1.5-2.1 s (``benchmarks/kernel_build.py``, back to back). The
-compiler is ``$CXX``, else ``c++``; flags ``CFLAGS``. The library is cached as ``<dir>/normyolo_<source>_<hash>.so``
+compiler is ``$CXX``, else ``c++``; flags ``CFLAGS`` and the source's own ``SOURCE_FLAGS``. The library is cached as ``<dir>/normyolo_<source>_<hash>.so``
 with ``<dir>`` = ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, and the hash covers what the machine
 code depends on: the sources' text (the .cpp and the headers beside it), the compiler's version line, the flags and
 the CPU's instruction-set flags (``-march=native``). Not the checkout's path: checkouts with the same sources share
@@ -12,7 +12,7 @@ compare.py's jobs) never load half a file; each may build, the last rename wins,
 
 The library is loaded with ctypes after torch, so its OpenMP calls bind to the runtime torch loaded (same soname,
 libgomp.so.1): the kernels use torch's thread pool and its thread count, as ``at::parallel_for`` did. ``bind`` and
-``call`` are how the kernels' Python wrappers (models/norm_act_cpu.py, models/norm_act_train.py) reach its functions.
+``call`` are how the kernels' Python wrappers (models/norm_act_cpu.py, models/norm_act_train.py, models/bn_act_train.py) reach its functions.
 """
 from __future__ import annotations
 
@@ -34,7 +34,14 @@ from utils.general import LOGGER
 CSRC = Path(__file__).resolve().parent / "csrc"
 # -fno-trapping-math (as torch's own build): GCC otherwise keeps a float compare-and-select a branch, unvectorised
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-std=c++17", "-fPIC", "-shared"]
+# per source: bn_act_train_cpu reproduces torch's roundings, so the compiler may fuse no multiply-add it did not ask for
+SOURCE_FLAGS = {"bn_act_train_cpu": ["-ffp-contract=off"]}
 PTR, I64, F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double  # the kernels' C argument types
+
+
+def flags(source: Path) -> list[str]:
+    """The compiler flags for ``source``: CFLAGS and its own (SOURCE_FLAGS)."""
+    return [*CFLAGS, *SOURCE_FLAGS.get(source.stem, [])]
 
 
 def cpu_flags() -> str:
@@ -78,7 +85,7 @@ def build_name(source: Path) -> str:
     for f in _sources(source):
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     cxx = compiler()
-    h.update(f"{cxx}|{_compiler_version(cxx)}|{CFLAGS}|{cpu_flags()}".encode())
+    h.update(f"{cxx}|{_compiler_version(cxx)}|{flags(source)}|{cpu_flags()}".encode())
     return f"normyolo_{source.stem}_{h.hexdigest()[:16]}"
 
 
@@ -95,7 +102,7 @@ def compile_library(source: Path, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [*shlex.split(compiler()), *CFLAGS, f"-I{CSRC}", str(source), "-o", tmp]
+        cmd = [*shlex.split(compiler()), *flags(source), f"-I{CSRC}", str(source), "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr or r.stdout}")

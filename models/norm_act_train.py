@@ -2,22 +2,23 @@
 
 torch trains a Conv -> Norm -> LeakyReLU block's norm and activation as separate ops, each a full pass or two over
 the map, forward and backward. On a CPU those passes are bound by memory bandwidth, not arithmetic, and on a machine
-with little of it they are a large part of the step (docs/speed.md). ``csrc/norm_act_train_cpu.cpp`` does
-the norm and the activation in one forward (a statistics read, then one read and one write) and one backward (one
-read of the output gradient and the input for both reductions, the activation's mask recomputed from the input,
-then one read each and one write of the input gradient): 8 passes over the map instead of torch's 13.
+with little of it they are a large part of the step (docs/speed.md). ``norm_act_train`` is the Conv block's entry
+in training; it hands each norm to its kernel:
 
-It serves ``models.common.Conv`` in training when the conv output is a channels-last float32 CPU tensor outside
-tracing and compiling, the norm is ``nn.BatchNorm2d`` in training mode, or the project's GroupNorm2d / LayerNorm2d /
-InstanceNorm2d (without running statistics) on torch's GroupNorm kernel setting, the activation is LeakyReLU, ReLU
-or identity, and neither module has forward hooks. Everything else (bfloat16 autocast, CUDA, evaluation, SyncBN,
-export) runs torch's ops. BatchNorm's running statistics and ``num_batches_tracked`` are updated as torch's
-``_BatchNorm.forward`` does. Outputs and gradients equal torch's to float32 rounding (tests/test_norm_act_train.py,
-float64 references); statistics and reductions accumulate in double in a fixed order, so they do not depend on
-the thread count.
+- ``nn.BatchNorm2d`` in training mode: models/bn_act_train.py, which reproduces torch's ops bit for bit (outputs,
+  gradients, running statistics), so the kernel changes a BN run's speed and none of its numbers;
+- the project's GroupNorm2d / LayerNorm2d / InstanceNorm2d (without running statistics) on torch's GroupNorm kernel
+  setting: ``csrc/norm_act_train_cpu.cpp`` here, the norm and the activation in one forward (a statistics read, then
+  one read and one write) and one backward (one read of the output gradient and the input for both reductions, the
+  activation's mask recomputed from the input, then one read each and one write of the input gradient): 8 passes
+  over the map instead of torch's 13. Statistics and reductions accumulate in double in a fixed order, so they do
+  not depend on the thread count; outputs and gradients equal torch's to float32 rounding
+  (tests/test_norm_act_train.py, float64 references).
 
-The kernel is built on first use like models/norm_act_cpu.py's (models/cpu_build.py: same cache, same
-``NORMYOLO_CPU_KERNELS=0`` switch, torch's ops if the build fails).
+Both serve when the conv output is a channels-last float32 CPU tensor outside tracing and compiling, the activation
+is LeakyReLU, ReLU or identity, and neither module has forward hooks. Everything else (bfloat16 autocast, CUDA,
+evaluation, SyncBN, export) runs torch's ops. The kernels are built on first use like models/norm_act_cpu.py's
+(models/cpu_build.py: same cache, same ``NORMYOLO_CPU_KERNELS=0`` switch, torch's ops if the build fails).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from models.bn_act_train import bn_act_train
 from models.norm import GroupNorm2d, InstanceNorm2d
 from models.cpu_build import F64, I64, PTR, bind, call
 from models.norm_act_cpu import _hooked, _slope, check_map, check_params, load_source
@@ -47,29 +49,27 @@ class TrainKernel:
 
     def __init__(self, lib: ctypes.CDLL):
         self._fwd = bind(lib.normyolo_norm_act_forward, PTR, PTR, PTR, I64, I64, I64, I64, F64, F64, I64,
-                         *(PTR,) * 7)
+                         *(PTR,) * 5)
         self._bwd = bind(lib.normyolo_norm_act_backward, PTR, I64, *(PTR,) * 6, I64, I64, I64, I64, F64, I64,
                          *(PTR,) * 3)
 
     def norm_act_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                          slope: float) -> tuple[torch.Tensor, ...]:
-        """x (N, C, H, W) channels-last float32; groups 0 for BatchNorm, else GroupNorm's count. Returns (y, a, b,
-        mu, rstd, mean, var): y = leaky(x * a + b) channels-last; a, b, mu, rstd (N, C) per image and channel (scale,
-        shift, the statistics' mean and 1 / std); BatchNorm's batch mean and unbiased var (C,), None for GroupNorm."""
+        """x (N, C, H, W) channels-last float32; groups: GroupNorm's count (>= 1, dividing C). Returns (y, a, b, mu,
+        rstd): y = leaky(x * a + b) channels-last; a, b, mu, rstd (N, C) per image and channel (scale, shift, the
+        statistics' mean and 1 / std)."""
         n, c, hw = check_map(x, "norm_act_forward")
-        if groups < 0 or (groups and c % groups):
+        if groups < 1 or c % groups:
             raise RuntimeError(f"norm_act_forward: bad group count {groups}")
         check_params(weight, bias, c, "norm_act_forward")
-        if not (hw > 0 and n > 0 and (groups > 0 or n * hw > 1)):
-            raise RuntimeError("norm_act_forward: need more than one value per channel")
+        if not (hw > 0 and n > 0):
+            raise RuntimeError("norm_act_forward: empty map")
         y = torch.empty_like(x, memory_format=torch.channels_last)
         per = x.new_empty((4, n, c))  # a, b, mu, rstd (float32, CPU as x) in one allocation: ~60 calls a step
-        mean, var = (x.new_empty(c), x.new_empty(c)) if groups == 0 else (None, None)  # BatchNorm's statistics
         p, q = per.data_ptr(), 4 * n * c
         call(self._fwd, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), n, c, hw, groups, eps, slope,
-             torch.get_num_threads(), y.data_ptr(), p, p + q, p + 2 * q, p + 3 * q,
-             *(t.data_ptr() if t is not None else None for t in (mean, var)))
-        return (y, *per.unbind(0), mean, var)
+             torch.get_num_threads(), y.data_ptr(), p, p + q, p + 2 * q, p + 3 * q)
+        return (y, *per.unbind(0))
 
     def norm_act_backward(self, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
                           b: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, groups: int, slope: float
@@ -98,14 +98,13 @@ def load_train_kernel() -> TrainKernel | None:
 
 
 class _NormActTrain(torch.autograd.Function):
-    """leaky(norm(x)) with the kernel's forward and backward; groups 0 = BatchNorm, else GroupNorm's count."""
+    """leaky(group_norm(x)) with the kernel's forward and backward; groups: GroupNorm's count."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, slope, kernel, stats):  # noqa: D401
-        y, a, b, mu, rstd, mean, var = kernel.norm_act_forward(x, weight, bias, groups, eps, slope)
+    def forward(ctx, x, weight, bias, groups, eps, slope, kernel):  # noqa: D401
+        y, a, b, mu, rstd = kernel.norm_act_forward(x, weight, bias, groups, eps, slope)
         ctx.save_for_backward(x, weight, a, b, mu, rstd)
         ctx.groups, ctx.slope, ctx.kernel = groups, slope, kernel
-        stats.extend((mean, var))  # BatchNorm's batch mean and unbiased variance, for its running statistics
         return y
 
     @staticmethod
@@ -114,11 +113,12 @@ class _NormActTrain(torch.autograd.Function):
         x, weight, a, b, mu, rstd = ctx.saved_tensors
         dx, dw, db = ctx.kernel.norm_act_backward(dy, x, weight, a, b, mu, rstd, ctx.groups, ctx.slope)
         need = ctx.needs_input_grad
-        return (dx if need[0] else None), (dw if need[1] else None), (db if need[2] else None), *(None,) * 5
+        return (dx if need[0] else None), (dw if need[1] else None), (db if need[2] else None), *(None,) * 4
 
 
 def _groups(norm: nn.Module, channels: int) -> int | None:
-    """The kernel's group count for ``norm`` in training (0: BatchNorm), or None where it does not apply."""
+    """The kernel's group count for ``norm`` in training (0: BatchNorm, models/bn_act_train.py's kernel), or None
+    where none applies."""
     if type(norm) is nn.BatchNorm2d:  # exactly: SyncBatchNorm and other subclasses have their own forward
         return 0 if norm.training or norm.running_mean is None else None
     if group_norm_kernel() != "torch":  # models/norm_channels_last.py's kernel was asked for
@@ -128,15 +128,6 @@ def _groups(norm: nn.Module, channels: int) -> int | None:
     if isinstance(norm, InstanceNorm2d) and not norm.track_running_stats:
         return channels
     return None
-
-
-def _bn_momentum(norm: nn.BatchNorm2d) -> float | None:
-    """Count the batch and return the running statistics' update factor, as ``_BatchNorm.forward`` does (None: no
-    running statistics to update)."""
-    if not (norm.training and norm.track_running_stats) or norm.running_mean is None:
-        return None
-    norm.num_batches_tracked.add_(1)
-    return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else float(norm.momentum)
 
 
 def norm_act_train(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> torch.Tensor | None:
@@ -151,8 +142,8 @@ def norm_act_train(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> torch.Te
     weight, bias = norm.weight, norm.bias
     if not (x.requires_grad or any(p is not None and p.requires_grad for p in (weight, bias))):
         return None  # nothing to differentiate: the inference paths serve
-    if groups == 0 and x.numel() // x.shape[1] <= 1:
-        return None  # torch raises its own error for one value per channel
+    if groups == 0:  # BatchNorm: its own kernel, bit-equal to torch's ops
+        return bn_act_train(x, norm, slope)
     c = x.shape[1]
     if weight is None or bias is None:
         weight, bias = torch.ones(c), torch.zeros(c)
@@ -161,12 +152,4 @@ def norm_act_train(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> torch.Te
     kernel = load_train_kernel()
     if kernel is None:
         return None
-    momentum = _bn_momentum(norm) if groups == 0 else None
-    stats: list[torch.Tensor] = []
-    y = _NormActTrain.apply(x, weight.contiguous(), bias.contiguous(), groups, float(norm.eps), slope, kernel, stats)
-    if momentum is not None:
-        with torch.no_grad():
-            mean, var = stats
-            norm.running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
-            norm.running_var.mul_(1.0 - momentum).add_(var, alpha=momentum)
-    return y
+    return _NormActTrain.apply(x, weight.contiguous(), bias.contiguous(), groups, float(norm.eps), slope, kernel)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import models.bn_act_train as bat
 import models.cpu_build as cb
 import models.norm_act_cpu as nac
 import models.norm_act_train as nat
@@ -37,8 +38,21 @@ def test_build_name_follows_text_not_checkout(tmp_path):
 
 
 @needs_cxx
+def test_a_sources_own_flags_are_used_and_hashed(tmp_path, monkeypatch):
+    """bn_act_train_cpu builds with -ffp-contract=off (it reproduces torch's roundings); its flags are part of its
+    build's name, so a change of them rebuilds it."""
+    src = _copy_sources(tmp_path / "src", bat.SOURCE)
+    assert cb.flags(src) == [*cb.CFLAGS, "-ffp-contract=off"] and cb.flags(nac.SOURCE) == cb.CFLAGS
+    name = cb.build_name(src)
+    monkeypatch.setitem(cb.SOURCE_FLAGS, src.stem, [])
+    assert cb.build_name(src) != name
+
+
+@needs_cxx
 @pytest.mark.parametrize("source,entry", [(nac.SOURCE, "normyolo_group_norm_leaky"),
-                                          (nat.SOURCE, "normyolo_norm_act_forward")], ids=["inference", "training"])
+                                          (nat.SOURCE, "normyolo_norm_act_forward"),
+                                          (bat.SOURCE, "normyolo_bn_act_forward")],
+                         ids=["inference", "training", "bn-training"])
 def test_builds_once_then_loads_the_cached_library(tmp_path, monkeypatch, source, entry):
     """Each kernel compiles (a compiler on PATH: a compile error fails here, it does not skip the kernel tests)."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
@@ -82,7 +96,10 @@ def test_failed_allocation_is_an_error_code_not_a_crash(monkeypatch):
         pytest.skip("kernels disabled here (NORMYOLO_CPU_KERNELS=0)")
     huge = 2 ** 50
     assert kernel._fn(None, None, None, None, 2, huge, 1, 1, 1e-5, 0.1, 2) == 1
-    assert train._fwd(None, None, None, 1, huge, 1, 0, 1e-3, 0.1, 2, *(None,) * 7) == 1
+    assert train._fwd(None, None, None, 1, huge, 1, 1, 1e-3, 0.1, 2, *(None,) * 5) == 1
+    bn = bat.load_bn_kernel()
+    if bn is not None:  # None where it does not reproduce torch here (its own test says why)
+        assert bn._fwd(None, None, None, 4, huge, 1e-3, 0.1, 0, None, None, 0.1, 1, 2, *(None,) * 5) == 1
     with pytest.raises(MemoryError, match="could not allocate"):
         cb.call(kernel._fn, None, None, None, None, 2, huge, 1, 1, 1e-5, 0.1, 2)
 

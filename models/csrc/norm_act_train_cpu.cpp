@@ -1,5 +1,6 @@
-// BatchNorm / GroupNorm (LayerNorm and InstanceNorm as its G = 1 and G = C cases) followed by a leaky ReLU, forward
-// and backward, for channels-last float32 CPU tensors in training. Built on first use by models/norm_act_train.py.
+// GroupNorm (LayerNorm and InstanceNorm as its G = 1 and G = C cases) followed by a leaky ReLU, forward and
+// backward, for channels-last float32 CPU tensors in training. Built on first use by models/norm_act_train.py.
+// (BatchNorm has its own kernel, bn_act_train_cpu.cpp, which reproduces torch's ops bit for bit.)
 //
 // torch trains Conv -> Norm -> LeakyReLU as two ops each way: forward the norm (statistics, then scale and shift into
 // a new tensor) and the activation (another read and write); backward the activation's gradient (read two maps,
@@ -33,8 +34,7 @@ constexpr int64_t kStrip = 64;        // rows of C < kStrip floats are processed
 int64_t strip_rows(int64_t C) { return C >= kStrip ? 1 : kStrip / C; }
 
 struct Layout {
-  int64_t N, C, HW, G, T;  // G == 0: BatchNorm (a channel's statistics span the batch), else groups per image;
-  // T: threads
+  int64_t N, C, HW, G, T;  // G: groups per image; T: threads
   int64_t K() const { return std::max<int64_t>(1, (HW + kChunkRows - 1) / kChunkRows); }  // chunks per image
   int64_t chunks() const { return N * K(); }
   int64_t rows(int64_t j, int64_t* r0) const {  // chunk j's first pixel in its image (*r0) and pixel count
@@ -42,14 +42,13 @@ struct Layout {
     *r0 = k * HW / K();
     return (k + 1) * HW / K() - *r0;
   }
-  // Statistics groups: BatchNorm's group q is channel q over every image; GroupNorm's (q = n * G + g) the channels
-  // of group g in image n. Images [n0, n1) and channels [c0, c1) of group q:
-  int64_t groups() const { return G == 0 ? C : N * G; }
-  void group(int64_t q, int64_t* n0, int64_t* n1, int64_t* c0, int64_t* c1) const {
-    const int64_t D = G == 0 ? 1 : C / G;
-    *n0 = G == 0 ? 0 : q / G;
-    *n1 = G == 0 ? N : *n0 + 1;
-    *c0 = G == 0 ? q : (q % G) * D;
+  // Statistics groups: group q = n * G + g holds the channels of group g in image n. Image n and channels
+  // [c0, c1) of group q:
+  int64_t groups() const { return N * G; }
+  void group(int64_t q, int64_t* n, int64_t* c0, int64_t* c1) const {
+    const int64_t D = C / G;
+    *n = q / G;
+    *c0 = (q % G) * D;
     *c1 = *c0 + D;
   }
 };
@@ -170,13 +169,11 @@ void grad_sums(const float* g, int64_t gs, const float* x, int64_t C, int64_t r0
 
 // Per-channel values of one image for the backward passes, each repeated to a strip (strip_rows(C) * C floats):
 // the forward's scale a and shift b (for the activation's mask), the statistics' mean mu, and the coefficients of
-// dx = p * ((dz - m1) - (x - mu) * k) + (q * (x - mu) + r). BatchNorm uses p, m1, k (torch's formula: the mean and
-// the projection are taken off the gradient before it is scaled, which keeps the digits where they nearly cancel);
-// GroupNorm's coefficients mix channels of a group and use p, q, r (as torch's GroupNorm backward).
+// dx = p * dz + (q * (x - mu) + r) (the coefficients mix the channels of a group, as torch's GroupNorm backward).
 struct Coefs {
-  std::vector<float> a, b, mu, p, m1, k, q, r;
+  std::vector<float> a, b, mu, p, q, r;
   explicit Coefs(int64_t C) {
-    for (auto* v : {&a, &b, &mu, &p, &m1, &k, &q, &r}) v->resize(strip_rows(C) * C);
+    for (auto* v : {&a, &b, &mu, &p, &q, &r}) v->resize(strip_rows(C) * C);
   }
 };
 
@@ -188,8 +185,6 @@ void grad_apply(const float* g, int64_t gs, const float* x, float* dx, int64_t C
   const float* __restrict b = cf.b.data();
   const float* __restrict mu = cf.mu.data();
   const float* __restrict p = cf.p.data();
-  const float* __restrict m1 = cf.m1.data();
-  const float* __restrict k = cf.k.data();
   const float* __restrict q = cf.q.data();
   const float* __restrict r_ = cf.r.data();
   int64_t r = r0;
@@ -202,7 +197,7 @@ void grad_apply(const float* g, int64_t gs, const float* x, float* dx, int64_t C
       const float z = xr[j] * a[j] + b[j];
       const float dz = gr[j] * (z > 0.f ? 1.f : slope);
       const float xc = xr[j] - mu[j];
-      dr[j] = p[j] * ((dz - m1[j]) - xc * k[j]) + (q[j] * xc + r_[j]);
+      dr[j] = p[j] * dz + (q[j] * xc + r_[j]);
     }
   }
   for (; r < r1; ++r) {
@@ -214,23 +209,22 @@ void grad_apply(const float* g, int64_t gs, const float* x, float* dx, int64_t C
       const float z = xr[c] * a[c] + b[c];
       const float dz = gr[c] * (z > 0.f ? 1.f : slope);
       const float xc = xr[c] - mu[c];
-      dr[c] = p[c] * ((dz - m1[c]) - xc * k[c]) + (q[c] * xc + r_[c]);
+      dr[c] = p[c] * dz + (q[c] * xc + r_[c]);
     }
   }
 }
 
 // Each statistics group's mean and 1 / std from its chunks' means and squared deviations (cmean, cm2: (chunks, C)),
 // by the parallel-variance formula in double in a fixed order, stored per image and channel as the scale A, shift
-// B, MU and RS (N, C); for BatchNorm (L.G == 0) also each channel's mean and unbiased variance (running statistics).
+// B, MU and RS (N, C).
 void group_stats(const Layout& L, const std::vector<double>& cmean, const std::vector<double>& cm2, const float* w,
-                 const float* bb, double eps, float* A, float* B, float* MU, float* RS, float* bn_mean,
-                 float* bn_var) {
+                 const float* bb, double eps, float* A, float* B, float* MU, float* RS) {
   const int64_t C = L.C, K = L.K();
   for (int64_t q = 0; q < L.groups(); ++q) {
-    int64_t n0, n1, c0, c1, r0;
-    L.group(q, &n0, &n1, &c0, &c1);
+    int64_t n, c0, c1, r0;
+    L.group(q, &n, &c0, &c1);
     double tot = 0.0, m = 0.0, m2 = 0.0;
-    for (int64_t j = n0 * K; j < n1 * K; ++j) {
+    for (int64_t j = n * K; j < (n + 1) * K; ++j) {
       const double cnt = static_cast<double>(L.rows(j, &r0));
       for (int64_t c = c0; c < c1; ++c) {
         tot += cnt;
@@ -238,7 +232,7 @@ void group_stats(const Layout& L, const std::vector<double>& cmean, const std::v
       }
     }
     m /= tot;
-    for (int64_t j = n0 * K; j < n1 * K; ++j) {
+    for (int64_t j = n * K; j < (n + 1) * K; ++j) {
       const double cnt = static_cast<double>(L.rows(j, &r0));
       for (int64_t c = c0; c < c1; ++c) {
         const double d = cmean[j * C + c] - m;
@@ -246,17 +240,11 @@ void group_stats(const Layout& L, const std::vector<double>& cmean, const std::v
       }
     }
     const double rs = 1.0 / std::sqrt(m2 / tot + eps);
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t c = c0; c < c1; ++c) {
-        A[n * C + c] = static_cast<float>(rs * w[c]);
-        B[n * C + c] = static_cast<float>(bb[c] - m * rs * w[c]);
-        MU[n * C + c] = static_cast<float>(m);
-        RS[n * C + c] = static_cast<float>(rs);
-      }
-    }
-    if (L.G == 0) {  // BatchNorm's running statistics take the unbiased variance
-      bn_mean[q] = static_cast<float>(m);
-      bn_var[q] = static_cast<float>(m2 / std::max(1.0, tot - 1.0));
+    for (int64_t c = c0; c < c1; ++c) {
+      A[n * C + c] = static_cast<float>(rs * w[c]);
+      B[n * C + c] = static_cast<float>(bb[c] - m * rs * w[c]);
+      MU[n * C + c] = static_cast<float>(m);
+      RS[n * C + c] = static_cast<float>(rs);
     }
   }
 }
@@ -287,45 +275,31 @@ void param_grads(const Layout& L, const std::vector<double>& s1, const std::vect
 }
 
 // dx's coefficients per image and channel (double, stored as float) from s1 = sum dz and s2 = sum dz (x - mu) per
-// image and channel; m = the statistics group's value count.
-// BatchNorm (torch's formula): dx = rstd w ((dz - mean dz) - (x - mu) rstd^2 sum(dz (x - mu)) / m), i.e. p = rstd w,
-// m1 = mean dz, k = rstd^2 sum(dz (x - mu)) / m.
-// GroupNorm: dx = rstd (w dz - S1 / m - xhat S2 / m) with S1 = sum w dz and S2 = sum w dz xhat over the group, i.e.
+// image and channel; m = the statistics group's value count:
+// dx = rstd (w dz - S1 / m - xhat S2 / m) with S1 = sum w dz and S2 = sum w dz xhat over the group, i.e.
 // p = rstd w, q = -rstd^2 S2 / m, r = -rstd S1 / m.
 struct GradCoefs {
-  std::vector<float> p, m1, k, q, r;
+  std::vector<float> p, q, r;
 };
 GradCoefs grad_coefs(const Layout& L, const std::vector<double>& s1, const std::vector<double>& s2, const float* w,
                      const float* RS) {
   const int64_t N = L.N, C = L.C;
-  GradCoefs g{std::vector<float>(N * C), std::vector<float>(N * C, 0.f), std::vector<float>(N * C, 0.f),
-              std::vector<float>(N * C, 0.f), std::vector<float>(N * C, 0.f)};
+  GradCoefs g{std::vector<float>(N * C), std::vector<float>(N * C), std::vector<float>(N * C)};
   for (int64_t q = 0; q < L.groups(); ++q) {
-    int64_t n0, n1, c0, c1;
-    L.group(q, &n0, &n1, &c0, &c1);
-    double S1 = 0.0, S2 = 0.0, sdz = 0.0, dot = 0.0;
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t c = c0; c < c1; ++c) {
-        S1 += w[c] * s1[n * C + c];
-        S2 += w[c] * s2[n * C + c] * RS[n * C + c];
-        sdz += s1[n * C + c];
-        dot += s2[n * C + c];
-      }
+    int64_t n, c0, c1;
+    L.group(q, &n, &c0, &c1);
+    double S1 = 0.0, S2 = 0.0;
+    for (int64_t c = c0; c < c1; ++c) {
+      S1 += w[c] * s1[n * C + c];
+      S2 += w[c] * s2[n * C + c] * RS[n * C + c];
     }
-    const double m = static_cast<double>((n1 - n0) * (c1 - c0) * L.HW);
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t i = n * C + c;
-        const double rs = RS[i];
-        g.p[i] = static_cast<float>(rs * w[c]);
-        if (L.G == 0) {
-          g.m1[i] = static_cast<float>(sdz / m);
-          g.k[i] = static_cast<float>(dot * rs * rs / m);
-        } else {
-          g.q[i] = static_cast<float>(-rs * rs * S2 / m);
-          g.r[i] = static_cast<float>(-rs * S1 / m);
-        }
-      }
+    const double m = static_cast<double>((c1 - c0) * L.HW);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i = n * C + c;
+      const double rs = RS[i];
+      g.p[i] = static_cast<float>(rs * w[c]);
+      g.q[i] = static_cast<float>(-rs * rs * S2 / m);
+      g.r[i] = static_cast<float>(-rs * S1 / m);
     }
   }
   return g;
@@ -346,14 +320,12 @@ void for_chunks(const Layout& L, F fn) {
 }  // namespace
 
 
-// Forward. X (N, H*W, C): a channels-last float32 (N, C, H, W) map; w, bb (C,) the norm's weight and bias; groups: 0
-// for BatchNorm, else the GroupNorm group count; threads: OpenMP threads. Writes Y (N, H*W, C) = leaky(x * a + b);
-// A, B, MU, RS (N, C) per image and channel (scale a, shift b, the statistics' mean and 1 / std); for BatchNorm also
-// mean (C,) and unbiased var (C,) of each channel over the batch (its running statistics; unused for GroupNorm).
+// Forward. X (N, H*W, C): a channels-last float32 (N, C, H, W) map; w, bb (C,) the norm's weight and bias; groups:
+// the GroupNorm group count (>= 1, dividing C); threads: OpenMP threads. Writes Y (N, H*W, C) = leaky(x * a + b) and
+// A, B, MU, RS (N, C) per image and channel (scale a, shift b, the statistics' mean and 1 / std).
 extern "C" int normyolo_norm_act_forward(const float* X, const float* w, const float* bb, int64_t N, int64_t C,
                                          int64_t HW, int64_t groups, double eps, double slope, int64_t threads,
-                                         float* Y, float* A, float* B, float* MU, float* RS, float* mean,
-                                         float* var) {
+                                         float* Y, float* A, float* B, float* MU, float* RS) {
   return guarded([&] {
     const Layout L{N, C, HW, groups, threads};
     const int64_t J = L.chunks();
@@ -374,7 +346,7 @@ extern "C" int normyolo_norm_act_forward(const float* X, const float* w, const f
     });
 
     // 2. each statistics group from its chunks
-    group_stats(L, cmean, cm2, w, bb, eps, A, B, MU, RS, mean, var);
+    group_stats(L, cmean, cm2, w, bb, eps, A, B, MU, RS);
 
     // 3. y = leaky(x * a + b)
     const float sl = static_cast<float>(slope);
@@ -421,8 +393,7 @@ extern "C" int normyolo_norm_act_backward(const float* G, int64_t gs, const floa
       Coefs cf(C);
       const std::pair<const float*, std::vector<float>*> src[] = {
           {A + n * C, &cf.a}, {B + n * C, &cf.b}, {MU + n * C, &cf.mu}, {k.p.data() + n * C, &cf.p},
-          {k.m1.data() + n * C, &cf.m1}, {k.k.data() + n * C, &cf.k}, {k.q.data() + n * C, &cf.q},
-          {k.r.data() + n * C, &cf.r}};
+          {k.q.data() + n * C, &cf.q}, {k.r.data() + n * C, &cf.r}};
       for (const auto& [from, to] : src) to_strip(from, C, to->data());
       grad_apply(G + n * HW * gs, gs, X + n * HW * C, DX + n * HW * C, C, r0, r1, cf, sl);
     });

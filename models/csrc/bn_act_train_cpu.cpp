@@ -14,10 +14,11 @@
 //  - 1 / std = float(1 / sqrt(double(var_sum / float(R)) + eps)); the running statistics move in float without
 //    fused multiply-adds (momentum * value + (1 - momentum) * running), the variance term's product in double;
 //  - y = fma(x, a, b) with a = 1 / std * w and b = fma(-mean, a, bias);
-//  - backward sums dz and fma(x - mean, dz, acc) the same way, then dx = (fma(-(x - mean), k, dz - sum / R)) / std
-//    * w with k = dotp / std / std / R (each a float operation, left to right).
-// torch's vectorised kernels fuse a multiply into the following add where its build allows fused multiply-adds
-// (AVX2, AVX-512, NEON builds), and not in its baseline build; `fused` picks which, the caller's probe finds out.
+//  - backward sums dz and fma(x - mean, dz, acc) the same way, then dx = fma(-(x - mean), k, dz - sum / R) *
+//    invstd * w with k = dotp * invstd * invstd / R (each a float operation, left to right).
+// torch's vectorised kernels fuse a multiply into the following add in its AVX2 and AVX-512 builds and not in its
+// baseline build (ATEN_CPU_CAPABILITY=default); `fused` picks which, and the caller's probe finds out which one the
+// running torch does.
 // The compiler must fuse no other multiply and add (GCC does by default under -march=native), so this file is
 // built with -ffp-contract=off (models/cpu_build.py's SOURCE_FLAGS); the probe would catch a build that fused more.
 #include <algorithm>

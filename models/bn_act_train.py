@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from models.cpu_build import F64, I64, PTR, bind, call
-from models.norm_act_cpu import check_map, check_params, load_source
+from models.norm_act_cpu import check_map, check_params, gradient_rows, load_source
 from utils.general import LOGGER
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "bn_act_train_cpu.cpp"
@@ -67,12 +67,7 @@ class BnActKernel:
         place when its pixels are rows of C floats at a common stride (channels-last, or a channel slice of a wider
         channels-last tensor, as a concatenation's backward hands on), else copied."""
         n, c, hw = check_map(x, "bn_act_backward")
-        if g.shape != x.shape or g.dtype != torch.float32 or g.device != x.device:
-            raise RuntimeError("bn_act_backward: gradient mismatch")
-        gs = g.stride(3)
-        if not (g.stride(1) == 1 and gs >= c and g.stride(2) == x.shape[3] * gs
-                and g.stride(0) == x.shape[2] * x.shape[3] * gs):
-            g, gs = g.contiguous(memory_format=torch.channels_last), c
+        g, gs = gradient_rows(g, x, "bn_act_backward")
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         dw, db = x.new_empty(c), x.new_empty(c)  # separate: they become the parameters' .grad
         call(self._bwd, g.data_ptr(), gs, x.data_ptr(), weight.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
@@ -159,18 +154,13 @@ def _momentum(norm: nn.BatchNorm2d) -> float | None:
     return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else float(norm.momentum)
 
 
-def bn_act_train(x: torch.Tensor, norm: nn.BatchNorm2d, slope: float) -> torch.Tensor | None:
-    """act(norm(x)) of a channels-last float32 CPU conv output x (N, C, H, W) with ``norm`` in training mode, by the
-    kernel; None where it does not apply (the caller then runs torch's ops). Updates the running statistics and
-    ``num_batches_tracked`` as torch does."""
-    c = x.shape[1]
-    if x.numel() // c <= torch.get_num_threads():
+def bn_act_train(x: torch.Tensor, norm: nn.BatchNorm2d, weight: torch.Tensor, bias: torch.Tensor,
+                 slope: float) -> torch.Tensor | None:
+    """act(norm(x)) of a channels-last float32 CPU conv output x (N, C, H, W) with ``norm`` in training mode and its
+    float32 weight and bias (C,) (ones and zeros if it has none), by the kernel; None where it does not apply (the
+    caller then runs torch's ops). Updates the running statistics and ``num_batches_tracked`` as torch does."""
+    if x.numel() // x.shape[1] <= torch.get_num_threads():
         return None  # torch sums maps of no more pixels than threads per channel in double
-    weight, bias = norm.weight, norm.bias
-    if weight is None or bias is None:
-        weight, bias = torch.ones(c), torch.zeros(c)
-    if weight.dtype != torch.float32 or bias.dtype != torch.float32:
-        return None
     stats = (norm.running_mean, norm.running_var)
     if norm.track_running_stats and any(s is None or s.dtype != torch.float32 or not s.is_contiguous()
                                         for s in stats):

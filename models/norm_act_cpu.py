@@ -45,6 +45,20 @@ def check_map(x: torch.Tensor, what: str) -> tuple[int, int, int]:
     return x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
 
 
+def gradient_rows(g: torch.Tensor, x: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
+    """The gradient g of a kernel's channels-last output shaped like x, as (g, row stride in floats): g itself when
+    its pixels are rows of C floats at a common stride (channels-last, or a channel slice of a wider channels-last
+    tensor, as a concatenation's backward hands on), else a channels-last copy. RuntimeError naming ``what`` if g
+    does not match x."""
+    if g.shape != x.shape or g.dtype != torch.float32 or g.device != x.device:
+        raise RuntimeError(f"{what}: gradient mismatch")
+    c, gs = x.shape[1], g.stride(3)
+    if not (g.stride(1) == 1 and gs >= c and g.stride(2) == x.shape[3] * gs
+            and g.stride(0) == x.shape[2] * x.shape[3] * gs):
+        return g.contiguous(memory_format=torch.channels_last), c
+    return g, gs
+
+
 def check_params(weight: torch.Tensor, bias: torch.Tensor, c: int, what: str) -> None:
     """RuntimeError unless weight and bias are contiguous float32 tensors of ``c`` values."""
     if not (weight.numel() == c and bias.numel() == c and weight.is_contiguous() and bias.is_contiguous()

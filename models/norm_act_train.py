@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 
 from models.bn_act_train import bn_act_train
-from models.norm import GroupNorm2d, InstanceNorm2d
 from models.cpu_build import F64, I64, PTR, bind, call
-from models.norm_act_cpu import _hooked, _slope, check_map, check_params, load_source
+from models.norm import GroupNorm2d, InstanceNorm2d
+from models.norm_act_cpu import _hooked, _slope, check_map, check_params, gradient_rows, load_source
 from models.norm_channels_last import group_norm_kernel, is_channels_last_eager
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "norm_act_train_cpu.cpp"
@@ -78,12 +78,7 @@ class TrainKernel:
         read in place when its pixels are rows of C floats at a common stride (channels-last, or a channel slice of
         a wider channels-last tensor, as a concatenation's backward hands on), else copied."""
         n, c, hw = check_map(x, "norm_act_backward")
-        if g.shape != x.shape or g.dtype != torch.float32:
-            raise RuntimeError("norm_act_backward: gradient mismatch")
-        gs = g.stride(3)
-        if not (g.stride(1) == 1 and gs >= c and g.stride(2) == x.shape[3] * gs
-                and g.stride(0) == x.shape[2] * x.shape[3] * gs):
-            g, gs = g.contiguous(memory_format=torch.channels_last), c
+        g, gs = gradient_rows(g, x, "norm_act_backward")
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         dw, db = x.new_empty(c), x.new_empty(c)  # separate: they become the parameters' .grad
         call(self._bwd, g.data_ptr(), gs, x.data_ptr(), weight.data_ptr(), a.data_ptr(), b.data_ptr(),
@@ -142,13 +137,13 @@ def norm_act_train(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> torch.Te
     weight, bias = norm.weight, norm.bias
     if not (x.requires_grad or any(p is not None and p.requires_grad for p in (weight, bias))):
         return None  # nothing to differentiate: the inference paths serve
-    if groups == 0:  # BatchNorm: its own kernel, bit-equal to torch's ops
-        return bn_act_train(x, norm, slope)
     c = x.shape[1]
     if weight is None or bias is None:
         weight, bias = torch.ones(c), torch.zeros(c)
     if weight.dtype != torch.float32 or bias.dtype != torch.float32:
         return None
+    if groups == 0:  # BatchNorm: its own kernel, bit-equal to torch's ops
+        return bn_act_train(x, norm, weight, bias, slope)
     kernel = load_train_kernel()
     if kernel is None:
         return None
